@@ -1,0 +1,308 @@
+"""Environments behind one protocol, and ``evaluate``.
+
+Every environment is a ``MultiAgentEnv``::
+
+    reset(seed) -> obs [N, obs_dim] f32, state [state_dim] f32, avail [N, K] bool
+    step(actions) -> obs, state, avail, reward (float), terminated, truncated, info
+
+``terminated`` is a true end (no bootstrap), ``truncated`` a time-limit cut.
+``info`` has ``"won"`` where the game has a winner. Discrete actions are an int
+array ``[N]``; continuous ones a float array ``[N, act_dim]`` in [-1, 1], and
+``avail`` is then ``[N, 1]``, all true.
+
+``make_env(env, task, **options)`` builds one; families and tasks:
+
+==========  =====================================================  ===========================
+env         tasks                                                  needs
+==========  =====================================================  ===========================
+matrix      penalty_xor, xor                                       nothing
+bridge      hard, easy                                             nothing
+mamujoco    Hopper-3x1, Ant-2x4, HalfCheetah-6x1, HalfCheetah-2x3  mujoco, gymnasium-robotics
+rware       tiny-2ag, small-4ag, ...                               rware
+smacv1      3m, 5m_vs_6m, 6h_vs_8z, corridor, 2c_vs_64zg, ...      smac + StarCraft II
+smacv2      {protoss,terran,zerg}_{5_vs_5,...,20_vs_23}            smacv2 + StarCraft II
+==========  =====================================================  ===========================
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Any, Callable
+
+import numpy as np
+
+from common import OfflineMarlError
+
+
+class EnvError(OfflineMarlError):
+    """An environment cannot be made: unknown name, missing package or game."""
+
+
+class MultiAgentEnv:
+    """Base class of every environment (see the module docstring for the protocol)."""
+
+    n_agents: int
+    obs_dim: int
+    state_dim: int
+    discrete: bool
+    n_actions: int = 1  # discrete: actions per agent; continuous: 1 (the width of avail)
+    act_dim: int = 1  # continuous: action dimension per agent; discrete: 1
+    episode_limit: int
+    spec: dict[str, Any]  # set by make_env: {"env", "task", "options"}, enough to rebuild it
+
+    def reset(self, seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool, bool, dict]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        kind = f"n_actions={self.n_actions}" if self.discrete else f"act_dim={self.act_dim}"
+        return (f"{type(self).__name__}({self.spec.get('env')}/{self.spec.get('task')}: n_agents={self.n_agents}, "
+                f"obs_dim={self.obs_dim}, state_dim={self.state_dim}, {kind}, episode_limit={self.episode_limit})")
+
+
+# =============================================================== matrix games
+PAYOFFS = {
+    # rows: agent 0's action, columns: agent 1's (0 = A, 1 = B); ../shared/specs/bridge-and-xor.md §1
+    "penalty_xor": np.array([[0.0, 1.0], [1.0, -2.0]], dtype=np.float32),
+    "xor": np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32),
+}
+
+
+class MatrixGame(MultiAgentEnv):
+    """A repeated, stateless two-player matrix game (Penalty-XOR and XOR).
+
+    Both agents observe the constant vector ``[0, 1, 0, 1]`` (the state of the
+    original 2-state MMDP, which never leaves state 1). Every step pays the payoff
+    of the joint action; the episode is cut after ``episode_limit`` steps
+    (``truncated``: a time limit, so value targets bootstrap). The shipped AlberDICE
+    config evaluates with 100 steps; its datasets were generated with 50."""
+
+    n_agents, obs_dim, state_dim, discrete, n_actions = 2, 4, 4, True, 2
+
+    def __init__(self, task: str = "penalty_xor", episode_limit: int = 100):
+        self.payoff = PAYOFFS[task]
+        self.episode_limit = int(episode_limit)
+        self._obs = np.array([0, 1, 0, 1], dtype=np.float32)
+        self._t = 0
+
+    def _observe(self):
+        return np.stack([self._obs, self._obs]), self._obs.copy(), np.ones((2, 2), dtype=bool)
+
+    def reset(self, seed: int | None = None):
+        self._t = 0
+        return self._observe()
+
+    def step(self, actions):
+        a = np.asarray(actions, dtype=np.int64).reshape(2)
+        r = float(self.payoff[a[0], a[1]])
+        self._t += 1
+        return (*self._observe(), r, False, self._t >= self.episode_limit, {})
+
+
+# ===================================================================== bridge
+def _make_bridge(task: str, **options: Any) -> MultiAgentEnv:
+    raise EnvError("bridge is not implemented yet")  # replaced by the Bridge section
+
+
+# =================================================================== mamujoco
+MAMUJOCO_TASKS = ("Hopper-3x1", "Ant-2x4", "HalfCheetah-6x1", "HalfCheetah-2x3")
+
+
+def _make_mamujoco(task: str, **options: Any) -> MultiAgentEnv:
+    raise EnvError("mamujoco is not implemented yet")  # replaced by the MaMuJoCo section
+
+
+# ====================================================================== rware
+def _make_rware(task: str, **options: Any) -> MultiAgentEnv:
+    raise EnvError("rware is not implemented yet")  # replaced by the RWARE section
+
+
+# ============================================================ smacv1 / smacv2
+SMACV2_TASKS = tuple(f"{race}_{size}" for race in ("protoss", "terran", "zerg")
+                     for size in ("5_vs_5", "10_vs_10", "10_vs_11", "20_vs_20", "20_vs_23"))
+
+
+def _make_smacv1(task: str, **options: Any) -> MultiAgentEnv:
+    raise EnvError("smacv1 is not implemented yet")  # replaced by the SMAC section
+
+
+def _make_smacv2(task: str, **options: Any) -> MultiAgentEnv:
+    raise EnvError("smacv2 is not implemented yet")  # replaced by the SMAC section
+
+
+# ================================================================== registry
+def _make_matrix(task: str, **options: Any) -> MultiAgentEnv:
+    return MatrixGame(task, **options)
+
+
+FAMILIES: dict[str, tuple[Callable[..., MultiAgentEnv], tuple[str, ...] | None]] = {
+    # env -> (factory(task, **options), known tasks or None when any task name is passed through)
+    "matrix": (_make_matrix, tuple(PAYOFFS)),
+    "bridge": (_make_bridge, ("hard", "easy")),
+    "mamujoco": (_make_mamujoco, MAMUJOCO_TASKS),
+    "rware": (_make_rware, None),
+    "smacv1": (_make_smacv1, None),
+    "smacv2": (_make_smacv2, SMACV2_TASKS),
+}
+
+
+def make_env(env: str, task: str, **options: Any) -> MultiAgentEnv:
+    """Build environment ``env``/``task``; ``options`` go to the family's constructor
+    (e.g. ``episode_limit``, ``obs_mode``). Unknown names and missing packages raise
+    ``EnvError`` with what exists and what to install."""
+    if env not in FAMILIES:
+        raise EnvError(f"unknown env {env!r}; choose one of {', '.join(FAMILIES)}")
+    factory, tasks = FAMILIES[env]
+    if tasks is not None and task not in tasks:
+        raise EnvError(f"unknown {env} task {task!r}; choose one of {', '.join(tasks)}")
+    e = factory(task, **options)
+    e.spec = {"env": env, "task": task, "options": dict(options)}
+    return e
+
+
+def make_env_for(meta: dict[str, Any], **options: Any) -> MultiAgentEnv:
+    """The environment a dataset was recorded in: ``meta['env']``/``meta['task']``
+    with the dataset's ``meta['env_options']`` (e.g. the MaMuJoCo ``obs_mode``),
+    overridden by ``options`` (e.g. an evaluation ``episode_limit``)."""
+    return make_env(meta["env"], meta["task"], **{**meta.get("env_options", {}), **options})
+
+
+# ================================================================= evaluation
+def _worker(conn, spec: dict[str, Any]) -> None:
+    env = make_env(spec["env"], spec["task"], **spec["options"])
+    try:
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "reset":
+                conn.send(env.reset(arg))
+            elif cmd == "step":
+                conn.send(env.step(arg))
+            else:
+                break
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        env.close()
+        conn.close()
+
+
+class _Envs:
+    """``n`` environments side by side: in this process, or one per worker process."""
+
+    def __init__(self, env: MultiAgentEnv, n: int, workers: bool):
+        self.workers = workers
+        if workers:
+            ctx = mp.get_context("spawn")
+            self.conns, self.procs = [], []
+            for _ in range(n):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(child, env.spec), daemon=True)
+                p.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(p)
+        else:
+            self.envs = [env] + [make_env(env.spec["env"], env.spec["task"], **env.spec["options"]) for _ in range(n - 1)]
+
+    def call(self, cmd: str, args: dict[int, Any]) -> dict[int, Any]:
+        if not self.workers:
+            return {i: getattr(self.envs[i], cmd)(a) for i, a in args.items()}
+        for i, a in args.items():
+            self.conns[i].send((cmd, a))
+        return {i: self.conns[i].recv() for i in args}
+
+    def close(self, keep_first: bool) -> None:
+        if self.workers:
+            for c, p in zip(self.conns, self.procs):
+                try:
+                    c.send(("close", None))
+                except (BrokenPipeError, OSError):
+                    pass
+                p.join(timeout=5)
+        else:
+            for e in self.envs[1 if keep_first else 0:]:
+                e.close()
+
+
+def evaluate(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, seed: int = 0,
+             n_envs: int = 1, workers: bool = False) -> dict[str, Any]:
+    """Run ``episodes`` episodes of ``act_fn`` and summarise them.
+
+    ``act_fn(obs [E, N, obs_dim], state [E, S], avail [E, N, K]) -> actions`` acts
+    for ``E = n_envs`` environments at once (one batched forward pass); it returns
+    ``[E, N]`` integers or ``[E, N, act_dim]`` floats (numpy or torch). If it has a
+    ``reset(mask)`` method (recurrent or history-based policies), that is called
+    with a bool mask ``[E]`` of the environments starting a new episode. Episode
+    ``i`` is reset with seed ``seed + i``. With ``workers=True`` each environment
+    runs in its own process (for simulators that dominate the cost).
+
+    Returns ``return_mean``, ``return_std``, ``win_rate`` (None when the game has no
+    winner), ``length_mean``, and the per-episode ``returns``/``lengths``/``won``."""
+    if episodes < 1:
+        raise ValueError("evaluate needs at least one episode")
+    n = max(1, min(int(n_envs), episodes))
+    envs = _Envs(env, n, workers)
+    try:
+        returns, lengths, wins = [], [], []
+        next_ep = 0
+        cur = {}
+        obs = np.zeros((n, env.n_agents, env.obs_dim), np.float32)
+        state = np.zeros((n, env.state_dim), np.float32)
+        avail = np.ones((n, env.n_agents, env.n_actions), bool)
+        active = np.zeros(n, bool)
+        started = np.zeros(n, bool)
+
+        def start(ids: list[int]) -> None:
+            nonlocal next_ep
+            todo = {}
+            for i in ids:
+                if next_ep < episodes:
+                    todo[i] = seed + next_ep
+                    next_ep += 1
+                    active[i] = True
+                    started[i] = True
+                    cur[i] = [0.0, 0, False]
+                else:
+                    active[i] = False
+            for i, (o, s, a) in envs.call("reset", todo).items():
+                obs[i], state[i], avail[i] = o, s, a
+
+        start(list(range(n)))
+        while active.any():
+            if hasattr(act_fn, "reset") and started.any():
+                act_fn.reset(started.copy())
+            started[:] = False
+            acts = act_fn(obs, state, avail)
+            if hasattr(acts, "detach"):
+                acts = acts.detach().cpu().numpy()
+            acts = np.asarray(acts)
+            ids = [int(i) for i in np.flatnonzero(active)]
+            done = []
+            for i, (o, s, a, r, term, trunc, info) in envs.call("step", {i: acts[i] for i in ids}).items():
+                obs[i], state[i], avail[i] = o, s, a
+                c = cur[i]
+                c[0] += float(r)
+                c[1] += 1
+                c[2] = info.get("won")
+                if term or trunc:
+                    returns.append(c[0])
+                    lengths.append(c[1])
+                    wins.append(c[2])
+                    done.append(i)
+            if done:
+                start(done)
+    finally:
+        envs.close(keep_first=True)
+    ret = np.asarray(returns, dtype=np.float64)
+    has_win = any(w is not None for w in wins)
+    return dict(
+        return_mean=float(ret.mean()), return_std=float(ret.std()),
+        win_rate=float(np.mean([bool(w) for w in wins])) if has_win else None,
+        length_mean=float(np.mean(lengths)), returns=returns, lengths=lengths,
+        won=[bool(w) for w in wins] if has_win else None,
+    )
