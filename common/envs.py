@@ -111,10 +111,159 @@ def _make_bridge(task: str, **options: Any) -> MultiAgentEnv:
 
 # =================================================================== mamujoco
 MAMUJOCO_TASKS = ("Hopper-3x1", "Ant-2x4", "HalfCheetah-6x1", "HalfCheetah-2x3")
+MAMUJOCO_OBS_MODES = ("omiga", "local")
+_MAMUJOCO_HELP = "MaMuJoCo needs mujoco, gymnasium and gymnasium-robotics: pip install 'offline-marl[mujoco]'"
+
+
+def omiga_obs(single_obs: np.ndarray, n_agents: int) -> np.ndarray:
+    """The observations of the OMIGA MaMuJoCo datasets, from one single-agent observation.
+
+    Agent ``i`` sees ``[single_obs, onehot(i)]`` standardised within that vector
+    (minus its mean, divided by its population std). ``single_obs [..., D]`` gives
+    ``[..., n_agents, D + n_agents]`` float32."""
+    x = np.asarray(single_obs, dtype=np.float64)
+    eye = np.broadcast_to(np.eye(n_agents), x.shape[:-1] + (n_agents, n_agents))
+    v = np.concatenate([np.broadcast_to(x[..., None, :], x.shape[:-1] + (n_agents, x.shape[-1])), eye], axis=-1)
+    v = (v - v.mean(-1, keepdims=True)) / v.std(-1, keepdims=True)
+    return v.astype(np.float32)
+
+
+def _check_options(env: str, cls: type, options: dict[str, Any]) -> None:
+    """An unknown keyword is a user's typo: say which options exist."""
+    import inspect
+
+    known = [p for p in inspect.signature(cls).parameters if p != "task"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise EnvError(f"unknown {env} option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+
+
+def _build_quietly(make: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``make(*args, **kwargs)`` without the noise of building the v4 assets: MuJoCo's
+    deprecation of ``settotalmass`` in half_cheetah.xml (which MuJoCo would also append
+    to a MUJOCO_LOG.TXT in the working directory) and gymnasium's "v4 is out of date"
+    (v4 is chosen on purpose). Other MuJoCo warnings become Python warnings."""
+    import warnings
+
+    import mujoco
+
+    def on_warning(msg: str) -> None:
+        if "settotalmass" not in msg:
+            warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=2)
+
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(on_warning)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is out of date.*")
+            return make(*args, **kwargs)
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
+class MaMuJoCo(MultiAgentEnv):
+    """Multi-Agent MuJoCo: one robot, its joints split among agents (docs/environments.md).
+
+    ``task`` is ``<Robot>-<agents>x<joints per agent>``. Actions ``[N, act_dim]`` are
+    clipped to [-1, 1] (the robots' control range); ``avail`` is ``[N, 1]``, all true.
+    The team reward is the single-agent environment's reward; a fall (Hopper, Ant
+    unhealthy) is ``terminated``, reaching ``episode_limit`` is ``truncated``.
+
+    ``obs_mode="omiga"`` (the default; every published MaMuJoCo offline dataset of
+    OMIGA, ComaDICE and OMCDA): gymnasium's v4 single-agent env (Ant with its 84
+    contact-force entries, 111-dim obs); each agent observes ``omiga_obs`` of the full
+    observation, the state is all agents' observations concatenated, and agent ``i``
+    drives the contiguous chunk ``i*act_dim:(i+1)*act_dim`` of the joint action.
+    ``ant_contact_forces=False`` reproduces Ant-v2 under mujoco-py 2.x: those 84
+    entries are zero and the reward has no contact cost.
+
+    ``obs_mode="local"`` (OG-MARL): gymnasium-robotics ``mamujoco_v1`` (v5 envs),
+    each agent's ``agent_obsk``-hop local observation (plus the robot root's
+    ``global_categories``, the library's default when None), zero-padded at the end to
+    the largest agent's size; the state is ``env.state()`` (the single-agent
+    observation); actions go to the joints of the library's partition."""
+
+    discrete, n_actions = False, 1
+
+    def __init__(self, task: str, obs_mode: str = "omiga", episode_limit: int = 1000, agent_obsk: int = 1,
+                 global_categories: list[str] | None = None, ant_contact_forces: bool = True):
+        if obs_mode not in MAMUJOCO_OBS_MODES:
+            raise EnvError(f"unknown MaMuJoCo obs_mode {obs_mode!r}; choose one of {', '.join(MAMUJOCO_OBS_MODES)}")
+        if obs_mode == "omiga" and (agent_obsk != 1 or global_categories is not None):
+            raise EnvError("agent_obsk and global_categories choose local observations: use them with obs_mode='local'")
+        if obs_mode == "local" and not ant_contact_forces:
+            raise EnvError("ant_contact_forces=False is the OMIGA datasets' Ant: use it with obs_mode='omiga'")
+        robot, conf = task.split("-")
+        self.n_agents, self.act_dim = (int(x) for x in conf.split("x"))
+        self.obs_mode, self.episode_limit = obs_mode, int(episode_limit)
+        try:
+            import gymnasium
+            import mujoco  # noqa: F401
+        except ImportError as e:
+            raise EnvError(f"{_MAMUJOCO_HELP} ({e})") from None
+        if obs_mode == "omiga":
+            kwargs = {"use_contact_forces": bool(ant_contact_forces)} if robot == "Ant" else {}
+            # the bare env: the time limit is counted here, so a fall and a cut stay distinct
+            self._env = _build_quietly(gymnasium.make, f"{robot}-v4", disable_env_checker=True, **kwargs).unwrapped
+            self._pad = 84 if robot == "Ant" and not ant_contact_forces else 0  # 14 bodies x 6 forces
+            self.obs_dim = self._env.observation_space.shape[0] + self._pad + self.n_agents
+            self.state_dim = self.n_agents * self.obs_dim
+        else:
+            import contextlib
+            import io
+
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # an import-time notice about Adroit envs
+                    from gymnasium_robotics import mamujoco_v1
+            except ImportError as e:
+                raise EnvError(f"{_MAMUJOCO_HELP} ({e})") from None
+            base = _build_quietly(gymnasium.make, f"{robot}-v5", disable_env_checker=True).unwrapped
+            self._env = mamujoco_v1.parallel_env(robot, conf, agent_obsk=agent_obsk, gym_env=base,
+                                                 global_categories=None if global_categories is None
+                                                 else tuple(global_categories))
+            self._agents = list(self._env.possible_agents)
+            self._act_sizes = [self._env.action_space(a).shape[0] for a in self._agents]
+            self.obs_dim = max(self._env.observation_space(a).shape[0] for a in self._agents)
+            self.state_dim = base.observation_space.shape[0]
+        self._t = 0
+
+    def _observe(self, raw):
+        """``raw``: the single-agent observation (omiga) or the library's per-agent dict (local)."""
+        avail = np.ones((self.n_agents, 1), dtype=bool)
+        if self.obs_mode == "omiga":
+            if self._pad:
+                raw = np.concatenate([raw, np.zeros(self._pad)])
+            obs = omiga_obs(raw, self.n_agents)
+            return obs, obs.reshape(-1), avail
+        obs = np.zeros((self.n_agents, self.obs_dim), np.float32)
+        for i, a in enumerate(self._agents):
+            obs[i, :raw[a].shape[0]] = raw[a]
+        return obs, self._env.state().astype(np.float32), avail
+
+    def reset(self, seed: int | None = None):
+        self._t = 0
+        raw, _ = self._env.reset(seed=seed)
+        return self._observe(raw)
+
+    def step(self, actions):
+        a = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.n_agents, self.act_dim), -1.0, 1.0)
+        self._t += 1
+        if self.obs_mode == "omiga":
+            raw, reward, terminated, _, _ = self._env.step(a.reshape(-1))  # agent i drives chunk i
+        else:
+            raw, rewards, terms, _, _ = self._env.step(
+                {name: a[i, :k] for i, (name, k) in enumerate(zip(self._agents, self._act_sizes))})
+            reward, terminated = rewards[self._agents[0]], terms[self._agents[0]]
+        terminated = bool(terminated)
+        return (*self._observe(raw), float(reward), terminated, not terminated and self._t >= self.episode_limit, {})
+
+    def close(self):
+        self._env.close()
 
 
 def _make_mamujoco(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("mamujoco is not implemented yet")  # replaced by the MaMuJoCo section
+    _check_options("mamujoco", MaMuJoCo, options)
+    return MaMuJoCo(task, **options)
 
 
 # ====================================================================== rware
