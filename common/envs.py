@@ -267,8 +267,92 @@ def _make_mamujoco(task: str, **options: Any) -> MultiAgentEnv:
 
 
 # ====================================================================== rware
+RWARE_STATES = ("concat", "alberdice")
+RWARE_REWARDS = ("sum", "alberdice")
+
+
+def alberdice_warehouse_reward(reward0: float, obs0: np.ndarray) -> float:
+    """AlberDICE's Warehouse team reward: agent 0's own reward plus the dense shaping
+    of its released env (marl_env/.../reward_calculator.py), read from agent 0's new
+    observation (rware's flat layout: 8 own features, then 3x3 cells of ``[agent,
+    direction x4, shelf, requested]``, the agent's own cell in the middle): +0.006 on a
+    requested shelf while carrying one, +0.003 on it without, +0.001 when any requested
+    shelf is in view."""
+    cells = np.asarray(obs0[8:8 + 63]).reshape(9, 7)
+    requested = (cells[:, 5] == 1) & (cells[:, 6] == 1)
+    bonus = (0.006 if obs0[2] == 1 else 0.003) if requested[4] else 0.0
+    return float(reward0) + bonus + (0.001 if requested.any() else 0.0)
+
+
+class Warehouse(MultiAgentEnv):
+    """The multi-robot warehouse (RWARE, package ``rware`` 2.x, gymnasium id
+    ``rware-<task>-v2``, e.g. ``tiny-2ag``, ``small-4ag``, ``medium-6ag-hard``).
+
+    Five actions (noop, forward, left, right, toggle load), all always available.
+    Each agent's obs is rware's flat 71-dim local view. The episode is cut
+    (``truncated``) after ``episode_limit`` steps (500, as AlberDICE's Warehouse
+    config); there is no other ending. ``state="concat"`` is all agents' observations
+    concatenated; ``state="alberdice"`` is AlberDICE's shared observation (each
+    agent's x, y, direction, then each requested shelf's x, y). ``reward="sum"`` is the
+    number of requested shelves delivered (the sum of rware's individual rewards);
+    ``reward="alberdice"`` is ``alberdice_warehouse_reward``."""
+
+    discrete = True
+
+    def __init__(self, task: str, episode_limit: int = 500, state: str = "concat", reward: str = "sum"):
+        if state not in RWARE_STATES:
+            raise EnvError(f"unknown rware state {state!r}; choose one of {', '.join(RWARE_STATES)}")
+        if reward not in RWARE_REWARDS:
+            raise EnvError(f"unknown rware reward {reward!r}; choose one of {', '.join(RWARE_REWARDS)}")
+        try:
+            import gymnasium
+            import rware  # noqa: F401  (registers the rware-* ids)
+        except ImportError as e:
+            raise EnvError(f"rware needs the rware package: pip install 'offline-marl[rware]' ({e})") from None
+        gym_id = f"rware-{task}-v2"
+        if gym_id not in gymnasium.registry:
+            raise EnvError(f"unknown rware task {task!r}; tasks are <size>-<n>ag[-easy|-hard] with size one of "
+                           "tiny, small, medium, large and 1 to 19 agents, e.g. tiny-2ag, small-4ag")
+        # the bare env with no step limit of its own: the cut is counted here and reported as truncated
+        self._env = gymnasium.make(gym_id, max_steps=None, disable_env_checker=True).unwrapped
+        self.n_agents = self._env.n_agents
+        self.n_actions = int(self._env.action_space[0].n)
+        self.obs_dim = int(self._env.observation_space[0].shape[0])
+        self.state_mode, self.reward_mode = state, reward
+        self.state_dim = (self.n_agents * self.obs_dim if state == "concat"
+                          else 3 * self.n_agents + 2 * self._env.request_queue_size)
+        self.episode_limit = int(episode_limit)
+        self._t = 0
+
+    def _observe(self, raw):
+        obs = np.stack(raw).astype(np.float32)
+        if self.state_mode == "concat":
+            state = obs.reshape(-1)
+        else:
+            env = self._env
+            state = np.array([v for a in env.agents for v in (a.x, a.y, a.dir.value)]
+                             + [v for s in env.request_queue for v in (s.x, s.y)], dtype=np.float32)
+        return obs, state, np.ones((self.n_agents, self.n_actions), dtype=bool)
+
+    def reset(self, seed: int | None = None):
+        self._t = 0
+        raw, _ = self._env.reset(seed=seed)
+        return self._observe(raw)
+
+    def step(self, actions):
+        raw, rewards, _, _, _ = self._env.step([int(a) for a in np.asarray(actions).reshape(self.n_agents)])
+        self._t += 1
+        out = self._observe(raw)
+        r = sum(rewards) if self.reward_mode == "sum" else alberdice_warehouse_reward(rewards[0], out[0][0])
+        return (*out, float(r), False, self._t >= self.episode_limit, {})
+
+    def close(self):
+        self._env.close()
+
+
 def _make_rware(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("rware is not implemented yet")  # replaced by the RWARE section
+    _check_options("rware", Warehouse, options)
+    return Warehouse(task, **options)
 
 
 # ============================================================ smacv1 / smacv2
