@@ -359,13 +359,140 @@ def _make_rware(task: str, **options: Any) -> MultiAgentEnv:
 SMACV2_TASKS = tuple(f"{race}_{size}" for race in ("protoss", "terran", "zerg")
                      for size in ("5_vs_5", "10_vs_10", "10_vs_11", "20_vs_20", "20_vs_23"))
 
+# The standard SMACv2 scenarios (smacv2/examples/configs/sc2_gen_<race>.yaml and the
+# README's table of n_units/n_enemies): race -> (map, unit types, their weights, unit
+# types a team may not consist of entirely).
+SMACV2_RACES = {
+    "protoss": ("10gen_protoss", ("stalker", "zealot", "colossus"), (0.45, 0.45, 0.1), ()),
+    "terran": ("10gen_terran", ("marine", "marauder", "medivac"), (0.45, 0.45, 0.1), ("medivac",)),
+    "zerg": ("10gen_zerg", ("zergling", "baneling", "hydralisk"), (0.45, 0.1, 0.45), ("baneling",)),
+}
+# The configs' env_args that differ from StarCraft2Env's defaults (the rest are defaults).
+SMACV2_ENV_ARGS = {"conic_fov": False, "obs_own_pos": True, "use_unit_ranges": True, "min_attack_range": 2,
+                   "num_fov_actions": 12}
+
+
+def smacv2_capability_config(task: str) -> dict[str, Any]:
+    """The capability config of a standard SMACv2 task, e.g. ``zerg_10_vs_11``: teams
+    drawn by unit-type weights (enemies mirror the allies, plus extra draws when they
+    outnumber them), start positions "surrounded" or "reflect" with probability 0.5 on
+    a 32x32 map."""
+    race, allies, _, enemies = task.split("_")
+    _, units, weights, exceptions = SMACV2_RACES[race]
+    team_gen = {"dist_type": "weighted_teams", "unit_types": list(units), "weights": list(weights), "observe": True}
+    if exceptions:
+        team_gen["exception_unit_types"] = list(exceptions)
+    return {"n_units": int(allies), "n_enemies": int(enemies), "team_gen": team_gen,
+            "start_positions": {"dist_type": "surrounded_and_reflect", "p": 0.5, "map_x": 32, "map_y": 32}}
+
+
+def _sc2_help(package: str) -> str:
+    maps = ("https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip" if package == "smac"
+            else "https://github.com/oxwhirl/smacv2/releases/tag/maps")
+    return (f"to run it: pip install git+https://github.com/oxwhirl/{package}.git, install StarCraft II "
+            f"(Linux: https://github.com/Blizzard/s2client-proto#downloads), unzip the SMAC maps ({maps}) into "
+            "$SC2PATH/Maps/SMAC_Maps, export SC2PATH=<the StarCraftII directory>, and export "
+            "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python before starting Python")
+
+
+def _import_sc2(env: str, package: str):
+    """``package.env``, or an ``EnvError`` saying how to install it."""
+    import importlib
+    import os
+
+    # pysc2's protobuf files clash with tensorboard's protobuf unless the pure-Python
+    # implementation is chosen before protobuf is first imported.
+    os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+    try:
+        return importlib.import_module(f"{package}.env")
+    except ImportError as e:
+        raise EnvError(f"{env} needs the {package} package, which is not installed ({e}); "
+                       f"{_sc2_help(package)}") from None
+    except Exception as e:  # typically protobuf's "Descriptors cannot be created directly"
+        raise EnvError(f"importing {package} failed ({type(e).__name__}: {e}); {_sc2_help(package)}") from None
+
+
+def _check_sc2(env: str, package: str, map_file: str) -> None:
+    """Fail with what to do unless StarCraft II and ``map_file`` are where pysc2 looks."""
+    import os
+
+    root = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))  # pysc2's default on Linux
+    if not os.path.isdir(os.path.join(root, "Versions")):
+        where = f"SC2PATH={root}" if "SC2PATH" in os.environ else f"SC2PATH is not set and {root}"
+        raise EnvError(f"{env} needs StarCraft II, but {where} has no game (no Versions directory); "
+                       f"{_sc2_help(package)}")
+    maps = os.path.join(root, "Maps", "SMAC_Maps")
+    if not os.path.isfile(os.path.join(maps, map_file)):
+        raise EnvError(f"{env} needs the map {map_file}, which is not in {maps}; {_sc2_help(package)}")
+
+
+class StarCraft(MultiAgentEnv):
+    """SMACv1 or SMACv2 behind the protocol: ``get_obs``/``get_state``/
+    ``get_avail_actions`` after ``reset`` and ``step``; ``info["won"]`` is the game's
+    ``battle_won``; a battle that reaches the map's time limit is ``truncated`` (the
+    packages flag it with ``info["episode_limit"]``, which they set only with
+    ``continuing_episode=True``; that flag changes nothing else, so it is always on).
+
+    StarCraft II cannot be reseeded per episode: ``reset(seed)`` ignores the seed; the
+    game's seed is the ``seed`` option given at construction."""
+
+    discrete = True
+
+    def __init__(self, game: Any):
+        self._game = game
+        info = game.get_env_info()
+        self.n_agents, self.n_actions = int(info["n_agents"]), int(info["n_actions"])
+        self.obs_dim, self.state_dim = int(info["obs_shape"]), int(info["state_shape"])
+        self.episode_limit = int(info["episode_limit"])
+
+    def _observe(self):
+        g = self._game
+        return (np.asarray(g.get_obs(), dtype=np.float32).reshape(self.n_agents, self.obs_dim),
+                np.asarray(g.get_state(), dtype=np.float32).reshape(self.state_dim),
+                np.asarray(g.get_avail_actions()).astype(bool).reshape(self.n_agents, self.n_actions))
+
+    def reset(self, seed: int | None = None):
+        self._game.reset()
+        return self._observe()
+
+    def step(self, actions):
+        reward, ended, info = self._game.step([int(a) for a in np.asarray(actions).reshape(self.n_agents)])
+        truncated = bool(ended and info.get("episode_limit", False))
+        return (*self._observe(), float(reward), bool(ended) and not truncated, truncated,
+                {**info, "won": bool(info.get("battle_won", False))})
+
+    def close(self):
+        self._game.close()
+
+
+def _construct(env: str, make: Callable[..., Any], **kwargs: Any) -> Any:
+    """The package's env (this does not start the game yet)."""
+    try:
+        return make(**kwargs, continuing_episode=True)
+    except KeyError as e:  # the packages' map registry
+        raise EnvError(f"unknown {env} map {e}; python -m {'smac' if env == 'smacv1' else 'smacv2'}.bin.map_list "
+                       "lists them") from None
+    except TypeError as e:  # an option the package does not know
+        raise EnvError(f"{env}: bad option ({e})") from None
+
 
 def _make_smacv1(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("smacv1 is not implemented yet")  # replaced by the SMAC section
+    """SMACv1 map ``task`` (e.g. 3m, 5m_vs_6m, corridor); ``options`` go to
+    ``smac.env.StarCraft2Env`` (its defaults are the SMAC benchmark's settings)."""
+    module = _import_sc2("smacv1", "smac")
+    game = _construct("smacv1", module.StarCraft2Env, map_name=task, **options)
+    _check_sc2("smacv1", "smac", f"{task}.SC2Map")
+    return StarCraft(game)
 
 
 def _make_smacv2(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("smacv2 is not implemented yet")  # replaced by the SMAC section
+    """SMACv2 task ``task`` with the standard capability config; ``options`` go to
+    ``smacv2.env.StarCraftCapabilityEnvWrapper`` over ``SMACV2_ENV_ARGS``."""
+    module = _import_sc2("smacv2", "smacv2")
+    game = _construct("smacv2", module.StarCraftCapabilityEnvWrapper, map_name=SMACV2_RACES[task.split("_")[0]][0],
+                      capability_config=smacv2_capability_config(task), **{**SMACV2_ENV_ARGS, **options})
+    _check_sc2("smacv2", "smacv2", "32x32_flat.SC2Map")
+    return StarCraft(game)
 
 
 # ================================================================== registry
