@@ -207,3 +207,14 @@ def test_local_without_root_features_is_the_original_mamujoco_obs():
     for agent, joints in [(0, [5, 4, 3]), (1, [8, 7, 6])]:
         expected = np.stack([data.qpos[joints], data.qvel[joints]], axis=1).reshape(-1)
         np.testing.assert_allclose(obs[agent], expected, rtol=1e-6)
+
+
+def test_contact_forces_tell_the_two_ant_variants_apart():
+    # the check docs/environments.md suggests for a dataset: entries 27..110 of each obs vector
+    # are all equal (zero before standardisation) without contact forces, not with them
+    for forces, equal in [(True, False), (False, True)]:
+        env = make_env("mamujoco", "Ant-2x4", ant_contact_forces=forces)
+        env.reset(seed=0)
+        for _ in range(10):
+            obs = env.step(np.full((2, 4), 0.5))[0]
+        assert np.ptp(obs[:, 27:111], axis=1).max() < 1e-6 if equal else np.ptp(obs[:, 27:111], axis=1).min() > 1e-3
