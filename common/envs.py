@@ -227,7 +227,10 @@ class Bridge(MultiAgentEnv):
     stay, up, down, right, left, always available. The episode ends for real
     (``terminated``) when both agents stand on their goals, or is cut
     (``truncated``) after ``episode_limit`` steps: 20 in the shipped AlberDICE
-    config, 50 in its datasets. The step that ends the episode pays 0."""
+    config, 50 in its datasets. The step that ends the episode pays 0.
+
+    A step is ``bridge_step`` for one environment, written with the same tables on
+    Python scalars (a test checks that both agree step for step)."""
 
     n_agents, obs_dim, state_dim, discrete, n_actions = 2, 8, 8, True, 5
 
@@ -236,30 +239,38 @@ class Bridge(MultiAgentEnv):
             raise EnvError(f"bridge episode_limit must be at least 1, got {episode_limit}")
         self.task = task
         self.episode_limit = int(episode_limit)
-        self._start = BRIDGE_STARTS[task]
-        self._pos = self._start.copy()
-        self._done = np.zeros(2, dtype=bool)
-        self._t = 0
-        self._over = True
+        self._move, self._reward = _bridge_tables()
+        cols = BRIDGE_SHAPE[1]
+        self._start = [int(r * cols + c) for r, c in BRIDGE_STARTS[task]]
+        self._goal = [int(r * cols + c) for r, c in BRIDGE_GOALS]
+        self._cells, self._done, self._t, self._over = list(self._start), [False, False], 0, True
 
     def _observe(self):
-        s = bridge_observation(self._pos)
-        return np.stack([s, s]), s, np.ones((2, 5), dtype=bool)
+        cols = BRIDGE_SHAPE[1]
+        (c0, c1), (g0, g1) = self._cells, BRIDGE_GOALS
+        s = [c0 // cols, c0 % cols, g0[0], g0[1], c1 // cols, c1 % cols, g1[0], g1[1]]
+        return np.array([s, s], dtype=np.float32), np.array(s, dtype=np.float32), np.ones((2, 5), dtype=bool)
 
     def reset(self, seed: int | None = None):
-        self._pos, self._done, self._t, self._over = self._start.copy(), np.zeros(2, dtype=bool), 0, False
+        self._cells, self._done, self._t, self._over = list(self._start), [False, False], 0, False
         return self._observe()
 
     def step(self, actions):
         if self._over:
             raise RuntimeError("Bridge.step called on a finished episode; call reset() first")
-        a = np.asarray(actions).reshape(-1)
-        if a.shape != (2,) or not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() > 4:
-            raise EnvError(f"bridge takes one action in 0..4 per agent ([2] integers), got {np.asarray(actions)!r}")
-        pos, done, r, term, trunc = bridge_step(self._pos, self._done, self._t, a, self.episode_limit)
-        self._pos, self._done, self._t = pos, done, self._t + 1
-        self._over = bool(term or trunc)
-        return (*self._observe(), float(r), bool(term), bool(trunc), {})
+        a = np.asarray(actions)
+        a0, a1 = a.reshape(2).tolist() if a.size == 2 and a.dtype.kind in "iu" else (-1, -1)
+        if not (0 <= a0 <= 4 and 0 <= a1 <= 4):
+            raise EnvError(f"bridge takes one action in 0..4 per agent ([2] integers), got {a!r}")
+        c0, c1 = self._move[self._cells[0], self._cells[1], int(self._done[0]), int(self._done[1]), a0, a1].tolist()
+        self._t += 1
+        at_goal = [c0 == self._goal[0], c1 == self._goal[1]]
+        limit = self._t >= self.episode_limit
+        self._cells, self._done = [c0, c1], [at_goal[0] or limit, at_goal[1] or limit]
+        terminated = at_goal[0] and at_goal[1]
+        self._over = self._done[0] and self._done[1]
+        r = 0.0 if self._over else float(self._reward[c0, c1])
+        return (*self._observe(), r, terminated, self._over and not terminated, {})
 
 
 def _make_bridge(task: str, **options: Any) -> MultiAgentEnv:

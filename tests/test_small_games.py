@@ -106,6 +106,24 @@ def test_episode_end_flags_and_zero_reward():
     assert term and not trunc
 
 
+def test_env_class_agrees_with_vectorised_step():
+    rng = np.random.default_rng(1)
+    for task in ("hard", "easy"):
+        for L in (4, 50):
+            env = make_env("bridge", task, episode_limit=L)
+            for _ in range(20):
+                _, state, _ = env.reset()
+                pos, done, t, end = state.reshape(2, 4)[:, :2].astype(np.int64), np.zeros(2, bool), 0, False
+                while not end:
+                    a = rng.integers(0, 5, size=2)
+                    _, state, _, r, term, trunc, _ = env.step(a)
+                    pos, done, r2, term2, trunc2 = bridge_step(pos, done, t, a, L)
+                    t += 1
+                    assert (state == bridge_observation(pos)).all() and r == r2
+                    assert term == term2 and trunc == trunc2
+                    end = term or trunc
+
+
 def test_env_protocol_and_errors():
     env = make_env("bridge", "hard", episode_limit=3)
     env.reset()
