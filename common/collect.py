@@ -115,7 +115,7 @@ class NoisyPolicy:
     def __call__(self, obs, state, avail):
         a = _to_numpy(self.act_fn(obs, state, avail))
         if self.discrete:
-            a = a.reshape(obs.shape[:2]).astype(np.int64)
+            a = (a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a).astype(np.int64)
             swap = self.rng.random(a.shape) < self.noise
             return np.where(swap, uniform_available(np.asarray(avail, dtype=bool), self.rng), a)
         return np.clip(a + self.noise * self.rng.standard_normal(a.shape), -1.0, 1.0).astype(np.float32)
@@ -306,11 +306,11 @@ class BridgeCrossingPolicy:
         return a
 
 
-def bridge_optimal_dataset(task: str = "hard", seed: int = 0) -> OfflineDataset:
-    """Bridge ``optimal``: 500 episodes of the scripted crossing (spec §2)."""
-    env = make_env("bridge", task, episode_limit=DATA_EPISODE_LIMIT)
+def bridge_optimal_dataset(seed: int = 0) -> OfflineDataset:
+    """Bridge (hard) ``optimal``: 500 episodes of the scripted crossing (spec §2)."""
+    env = make_env("bridge", "hard", episode_limit=DATA_EPISODE_LIMIT)
     eps = rollout(env, BridgeCrossingPolicy(_rng(seed, "bridge-optimal")), BRIDGE_EPISODES, seed=seed,
-                  desc=f"bridge/{task}/optimal")
+                  desc="bridge/hard/optimal")
     for e, ep in enumerate(eps):  # the script's consistency: every episode ends on both goals at step 8
         final = ep["state"][-1]
         if len(ep["reward"]) != _BRIDGE_OPTIMAL_STEPS or not ep["terminated"] or \
@@ -328,11 +328,11 @@ def bridge_random_dataset(task: str = "hard", seed: int = 0, quality: str = "ran
     return episodes_to_dataset(env, eps, quality, dict(policy="uniform random over the 5 actions, each agent"))
 
 
-def bridge_mix_dataset(task: str = "hard", seed: int = 0) -> OfflineDataset:
-    """Bridge ``mix``: the 500 ``random`` episodes followed by the 500 ``optimal``
-    ones of the same seed (array for array equal to those datasets)."""
-    rand = bridge_random_dataset(task, seed, quality="mix")
-    opt = bridge_optimal_dataset(task, seed)
+def bridge_mix_dataset(seed: int = 0) -> OfflineDataset:
+    """Bridge (hard) ``mix``: the 500 ``random`` episodes followed by the 500
+    ``optimal`` ones of the same seed (array for array equal to those datasets)."""
+    rand = bridge_random_dataset("hard", seed, quality="mix")
+    opt = bridge_optimal_dataset(seed)
     return OfflineDataset.concatenate([rand, opt], meta=dict(rand.meta, provenance=dict(
         policy="episodes 0-499: uniform random (= quality random); 500-999: scripted optimal (= quality optimal)")))
 
@@ -371,9 +371,9 @@ for _task in ("penalty_xor", "xor"):
             + "{" + ", ".join("AB"[i] + "AB"[j] for i, j in _support) + "}")
     RECIPES[("matrix", _task, "random")] = Recipe(_partial(matrix_random_dataset, _task),
                                                   "100 x 50 steps, each agent uniform")
-RECIPES[("bridge", "hard", "optimal")] = Recipe(_partial(bridge_optimal_dataset, "hard"),
+RECIPES[("bridge", "hard", "optimal")] = Recipe(_partial(bridge_optimal_dataset),
                                                 "AlberDICE optimal: 500 scripted optimal crossings (8 steps)")
-RECIPES[("bridge", "hard", "mix")] = Recipe(_partial(bridge_mix_dataset, "hard"),
+RECIPES[("bridge", "hard", "mix")] = Recipe(_partial(bridge_mix_dataset),
                                             "AlberDICE mix: 500 uniform-random episodes (limit 50) + the 500 optimal")
 for _task in ("hard", "easy"):
     RECIPES[("bridge", _task, "random")] = Recipe(_partial(bridge_random_dataset, _task),

@@ -235,8 +235,8 @@ class Bridge(MultiAgentEnv):
     n_agents, obs_dim, state_dim, discrete, n_actions = 2, 8, 8, True, 5
 
     def __init__(self, task: str = "hard", episode_limit: int = 20):
-        if int(episode_limit) < 1:
-            raise EnvError(f"bridge episode_limit must be at least 1, got {episode_limit}")
+        if isinstance(episode_limit, bool) or not isinstance(episode_limit, (int, np.integer)) or episode_limit < 1:
+            raise EnvError(f"bridge episode_limit must be a positive integer, got {episode_limit!r}")
         self.task = task
         self.episode_limit = int(episode_limit)
         self._move, self._reward = _bridge_tables()
@@ -274,6 +274,9 @@ class Bridge(MultiAgentEnv):
 
 
 def _make_bridge(task: str, **options: Any) -> MultiAgentEnv:
+    unknown = sorted(set(options) - {"episode_limit"})
+    if unknown:
+        raise EnvError(f"bridge takes the option episode_limit only, got {', '.join(unknown)}")
     return Bridge(task, **options)
 
 

@@ -138,6 +138,10 @@ def test_env_protocol_and_errors():
         env.step(np.array([0, 5]))
     with pytest.raises(EnvError, match="unknown bridge task"):
         make_env("bridge", "medium")
+    with pytest.raises(EnvError, match="positive integer"):
+        make_env("bridge", "hard", episode_limit="abc")
+    with pytest.raises(EnvError, match="episode_limit only"):
+        make_env("bridge", "hard", horizon=5)
 
 
 def test_always_stay_returns():
