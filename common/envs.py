@@ -105,8 +105,179 @@ class MatrixGame(MultiAgentEnv):
 
 
 # ===================================================================== bridge
+# Bridge (Fu et al. 2022; AlberDICE's "Bridge (Hard)"), exactly per
+# ../shared/specs/bridge-and-xor.md §2. A 3 x 6 grid, cells (row, col), row 0 on top:
+#
+#        c0  c1  c2  c3  c4  c5
+#   r0   G1  .   #   #   .   .
+#   r1   .   .   S0  S1  .   .        hard: S0 = (1,2), S1 = (1,3) (both on the bridge)
+#   r2   .   .   #   #   .   G0       easy: S0 = (1,1), S1 = (1,4)
+BRIDGE_SHAPE = (3, 6)
+BRIDGE_WALLS = ((0, 2), (0, 3), (2, 2), (2, 3))
+BRIDGE_GOALS = np.array([[2, 5], [0, 0]], dtype=np.int64)  # agent 0, agent 1
+BRIDGE_STARTS = {"hard": np.array([[1, 2], [1, 3]], dtype=np.int64), "easy": np.array([[1, 1], [1, 4]], dtype=np.int64)}
+BRIDGE_MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, 1], [0, -1]], dtype=np.int64)  # stay, up, down, right, left
+_BRIDGE_OPEN = np.ones(BRIDGE_SHAPE, dtype=bool)
+_BRIDGE_OPEN[tuple(np.array(BRIDGE_WALLS).T)] = False
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a == b).all(-1)
+
+
+def bridge_move(pos: np.ndarray, done: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """The Bridge movement rules (spec §2, steps 1-4), vectorised over any batch shape.
+
+    ``pos [..., 2, 2]`` (agent, (row, col)) integers, ``done [..., 2]`` bool (the done
+    flags from earlier steps), ``actions [..., 2]`` in 0..4. Returns the new positions."""
+    pos = np.asarray(pos, dtype=np.int64)
+    done = np.asarray(done, dtype=bool)
+    # 1. intended cells: off-grid, wall, or a done agent -> stay
+    n = pos + BRIDGE_MOVES[actions]
+    inside = (n >= 0).all(-1) & (n[..., 0] < BRIDGE_SHAPE[0]) & (n[..., 1] < BRIDGE_SHAPE[1])
+    free = inside & _BRIDGE_OPEN[np.clip(n[..., 0], 0, BRIDGE_SHAPE[0] - 1), np.clip(n[..., 1], 0, BRIDGE_SHAPE[1] - 1)]
+    n = np.where((free & ~done)[..., None], n, pos)
+    s0, s1, n0, n1 = pos[..., 0, :], pos[..., 1, :], n[..., 0, :], n[..., 1, :]
+    d0, d1 = done[..., 0], done[..., 1]
+    # 2. agent 0 first; the first matching rule decides (np.select takes the first true condition)
+    rules0 = [d0,                                   # a. done: stays
+              _same(n0, BRIDGE_GOALS[0]),           # b. entering its goal: moves, even onto agent 1
+              _same(n0, s0),                        # c. not moving
+              d1,                                   # d. agent 1 is done, hence invisible: moves
+              _same(n0, s1) & _same(n1, s1),        # e. into a standing agent 1: stays
+              _same(n0, n1),                        # f. same target cell: agent 0 moves, agent 1 is fixed
+              _same(n0, s1) & _same(n1, s0)]        # g. head-on swap: both fixed
+    move0 = np.select(rules0, [False, True, False, True, False, True, False], default=True)  # h. moves
+    fixed1 = np.select(rules0, [False, False, False, False, False, True, True], default=False)
+    new0 = np.where(move0[..., None], n0, s0)
+    # 3. agent 1, unless 2f/2g fixed it
+    rules1 = [fixed1,
+              d1,                                   # a. done: stays
+              _same(n1, BRIDGE_GOALS[1]),           # b. entering its goal: moves
+              _same(n1, s1),                        # c. not moving
+              d0,                                   # d. agent 0 is done: moves
+              _same(n1, new0)]                      # e. into agent 0's new cell: stays
+    move1 = np.select(rules1, [False, False, True, False, True, False], default=True)  # f. moves
+    new1 = np.where(move1[..., None], n1, s1)
+    return np.stack([new0, new1], axis=-2)  # 4. overlaps (rules 2b, 3b, done agents) are legal
+
+
+_BRIDGE_CELLS = BRIDGE_SHAPE[0] * BRIDGE_SHAPE[1]
+_bridge_tables_cache: list[tuple[np.ndarray, np.ndarray]] = []
+
+
+def _bridge_tables() -> tuple[np.ndarray, np.ndarray]:
+    """``bridge_move`` and the reward of step 5 tabulated once over every (cell, cell,
+    done, done, action, action) and (cell, cell), so that a step is a table lookup."""
+    if not _bridge_tables_cache:
+        c0, c1, d0, d1, a0, a1 = np.meshgrid(np.arange(_BRIDGE_CELLS), np.arange(_BRIDGE_CELLS), [0, 1], [0, 1],
+                                             np.arange(5), np.arange(5), indexing="ij")
+        cells = np.stack([c0, c1], -1)
+        pos = np.stack([cells // BRIDGE_SHAPE[1], cells % BRIDGE_SHAPE[1]], -1)
+        new = bridge_move(pos, np.stack([d0, d1], -1).astype(bool), np.stack([a0, a1], -1))
+        move = new[..., 0] * BRIDGE_SHAPE[1] + new[..., 1]  # [18, 18, 2, 2, 5, 5, 2] cells after the move
+        # 5. r = mean over agents of -0.1 * distance to the goal, in float32 as the original
+        pos = np.stack(np.meshgrid(np.arange(_BRIDGE_CELLS), np.arange(_BRIDGE_CELLS), indexing="ij"), -1)
+        pos = np.stack([pos // BRIDGE_SHAPE[1], pos % BRIDGE_SHAPE[1]], -1)
+        per_agent = (-0.1 * np.sqrt(((BRIDGE_GOALS - pos) ** 2).sum(-1))).astype(np.float32)
+        reward = (per_agent[..., 0] + per_agent[..., 1]) * np.float32(0.5)  # [18, 18]
+        _bridge_tables_cache.append((move, reward))
+    return _bridge_tables_cache[0]
+
+
+def bridge_step(pos: np.ndarray, done: np.ndarray, t: np.ndarray | int, actions: np.ndarray, episode_limit: int):
+    """One full Bridge step (spec §2, steps 1-6), vectorised over any batch shape.
+
+    ``pos [..., 2, 2]``, ``done [..., 2]`` and ``actions [..., 2]`` as in
+    ``bridge_move``; ``t`` is the number of steps taken before this one. Returns
+    ``(pos', done', reward, terminated, truncated)``: the episode ends when both
+    agents are done; ``terminated`` when both stand on their goals (a true end),
+    ``truncated`` when the limit ``episode_limit`` cut it. The reward is float32
+    and 0 on the step that ends the episode."""
+    move, reward_of = _bridge_tables()
+    pos, done, actions = np.asarray(pos), np.asarray(done, dtype=bool), np.asarray(actions)
+    cell = pos[..., 0] * BRIDGE_SHAPE[1] + pos[..., 1]
+    new_cell = move[cell[..., 0], cell[..., 1], done[..., 0].astype(np.int64), done[..., 1].astype(np.int64),
+                    actions[..., 0], actions[..., 1]]
+    new = np.stack([new_cell // BRIDGE_SHAPE[1], new_cell % BRIDGE_SHAPE[1]], -1)
+    at_goal = _same(new, BRIDGE_GOALS)  # [..., 2]
+    # 6. d_i <- (s_i' = g_i) or (k = L); the episode ends when both are done
+    new_done = at_goal | (np.asarray(t) + 1 >= episode_limit)[..., None]
+    end = new_done.all(-1)
+    terminated = at_goal.all(-1)
+    reward = np.where(end, np.float32(0.0), reward_of[new_cell[..., 0], new_cell[..., 1]])
+    return new, new_done, reward, terminated, end & ~terminated
+
+
+def bridge_observation(pos: np.ndarray) -> np.ndarray:
+    """The observation (= state) ``[r0, c0, 2, 5, r1, c1, 0, 0]`` float32 of positions ``[..., 2, 2]``."""
+    pos = np.asarray(pos)
+    out = np.empty(pos.shape[:-2] + (2, 4), dtype=np.float32)
+    out[..., :2] = pos
+    out[..., 2:] = BRIDGE_GOALS
+    return out.reshape(pos.shape[:-2] + (8,))
+
+
+class Bridge(MultiAgentEnv):
+    """Two agents cross a one-lane bridge in opposite directions (spec §2).
+
+    ``task="hard"`` starts both agents on the bridge, facing each other (the
+    AlberDICE paper's Bridge); ``"easy"`` starts them at (1,1) and (1,4). Both
+    agents see the full state ``[r0, c0, 2, 5, r1, c1, 0, 0]``. Actions 0..4 =
+    stay, up, down, right, left, always available. The episode ends for real
+    (``terminated``) when both agents stand on their goals, or is cut
+    (``truncated``) after ``episode_limit`` steps: 20 in the shipped AlberDICE
+    config, 50 in its datasets. The step that ends the episode pays 0.
+
+    A step is ``bridge_step`` for one environment, written with the same tables on
+    Python scalars (a test checks that both agree step for step)."""
+
+    n_agents, obs_dim, state_dim, discrete, n_actions = 2, 8, 8, True, 5
+
+    def __init__(self, task: str = "hard", episode_limit: int = 20):
+        if isinstance(episode_limit, bool) or not isinstance(episode_limit, (int, np.integer)) or episode_limit < 1:
+            raise EnvError(f"bridge episode_limit must be a positive integer, got {episode_limit!r}")
+        self.task = task
+        self.episode_limit = int(episode_limit)
+        self._move, self._reward = _bridge_tables()
+        cols = BRIDGE_SHAPE[1]
+        self._start = [int(r * cols + c) for r, c in BRIDGE_STARTS[task]]
+        self._goal = [int(r * cols + c) for r, c in BRIDGE_GOALS]
+        self._cells, self._done, self._t, self._over = list(self._start), [False, False], 0, True
+
+    def _observe(self):
+        cols = BRIDGE_SHAPE[1]
+        (c0, c1), (g0, g1) = self._cells, BRIDGE_GOALS
+        s = [c0 // cols, c0 % cols, g0[0], g0[1], c1 // cols, c1 % cols, g1[0], g1[1]]
+        return np.array([s, s], dtype=np.float32), np.array(s, dtype=np.float32), np.ones((2, 5), dtype=bool)
+
+    def reset(self, seed: int | None = None):
+        self._cells, self._done, self._t, self._over = list(self._start), [False, False], 0, False
+        return self._observe()
+
+    def step(self, actions):
+        if self._over:
+            raise RuntimeError("Bridge.step called on a finished episode; call reset() first")
+        a = np.asarray(actions)
+        a0, a1 = a.reshape(2).tolist() if a.size == 2 and a.dtype.kind in "iu" else (-1, -1)
+        if not (0 <= a0 <= 4 and 0 <= a1 <= 4):
+            raise EnvError(f"bridge takes one action in 0..4 per agent ([2] integers), got {a!r}")
+        c0, c1 = self._move[self._cells[0], self._cells[1], int(self._done[0]), int(self._done[1]), a0, a1].tolist()
+        self._t += 1
+        at_goal = [c0 == self._goal[0], c1 == self._goal[1]]
+        limit = self._t >= self.episode_limit
+        self._cells, self._done = [c0, c1], [at_goal[0] or limit, at_goal[1] or limit]
+        terminated = at_goal[0] and at_goal[1]
+        self._over = self._done[0] and self._done[1]
+        r = 0.0 if self._over else float(self._reward[c0, c1])
+        return (*self._observe(), r, terminated, self._over and not terminated, {})
+
+
 def _make_bridge(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("bridge is not implemented yet")  # replaced by the Bridge section
+    unknown = sorted(set(options) - {"episode_limit"})
+    if unknown:
+        raise EnvError(f"bridge takes the option episode_limit only, got {', '.join(unknown)}")
+    return Bridge(task, **options)
 
 
 # =================================================================== mamujoco
