@@ -328,10 +328,9 @@ def _vault_uid_dir(path: Path, uid: str | None) -> Path:
     return path / match[0]
 
 
-def _vault_leaves(meta: dict[str, Any]) -> dict[str, str]:
-    """``{"observations": "observations.", "infos/state": "infos.state.", ...}`` from metadata.json.
-
-    Flashbax names each leaf's datastore by its dict path with a dot after every key."""
+def _vault_leaves(meta: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """``{"observations": ("observations",), "infos/state": ("infos", "state"), ...}``: the
+    leaves of the experience tree in metadata.json."""
     tree = meta.get("structure_shape", meta.get("structure"))
     if not isinstance(tree, dict):
         raise DatasetError("the vault's metadata.json has no structure_shape")
@@ -342,7 +341,7 @@ def _vault_leaves(meta: dict[str, Any]) -> dict[str, str]:
             for k, v in node.items():
                 walk(v, keys + (str(k),))
         else:
-            out["/".join(keys)] = "".join(k + "." for k in keys)
+            out["/".join(keys)] = keys
 
     walk(tree, ())
     return out
@@ -364,8 +363,18 @@ def _read_vault(path: Path, *, uid: str | None = None, final_obs_row: bool = Fal
             spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{root}", "path": name}}
             return ts.open(spec, open=True, read=True, context=ctx).result()
 
+        def open_tree_leaf(keys: tuple[str, ...]):
+            # Flashbax >= 1.0 names a leaf by its dict path with a dot after every key; its
+            # first release used jax's keystr, "['infos']['state']"
+            try:
+                return open_leaf("".join(k + "." for k in keys))
+            except ValueError as e:
+                if "NOT_FOUND" not in str(e):
+                    raise
+                return open_leaf("".join(f"['{k}']" for k in keys))
+
         n = int(open_leaf("vault_index").read().result().reshape(-1)[0])
-        stores = {k: open_leaf(v) for k, v in leaves.items()}
+        stores = {k: open_tree_leaf(v) for k, v in leaves.items()}
         B = int(stores["observations"].shape[0])
         if n < 1:
             raise DatasetError(f"the vault {root} is empty (vault_index = {n})")
