@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import urllib.error
@@ -31,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from common.data import DatasetError, OfflineDataset, data_dir
 
@@ -124,8 +127,8 @@ def _table() -> list[Entry]:
                  {"2halfcheetah": ("Replay",),
                   **{s: () for s in ("2ant", "2walker", "3hopper", "4ant", "6halfcheetah")}},
                  env_options=local1, time_limit=MAMUJOCO_LIMIT,
-                 note="gymnasium-robotics MaMuJoCo, agent_obsk=1; dataset names other than Replay are listed "
-                      "after download")
+                 note="gymnasium-robotics MaMuJoCo (mamujoco_v0), agent_obsk=1; dataset names other than Replay "
+                      "are listed after download")
     e += _vaults("og_marl_legacy", "core/mamujoco", "mamujoco", {"2halfcheetah": gmp, "2ant": ()},
                  env_options=local1, time_limit=MAMUJOCO_LIMIT,
                  note="recorded on MaMuJoCo v1.1 / MuJoCo 2.1 (mujoco-py); the gymnasium-robotics environment "
@@ -150,7 +153,8 @@ def _table() -> list[Entry]:
                                                                            "simple_world")},
                  time_limit=25, note="no MPE environment in this project: train only")
     e += _vaults("omar", "prior_work/omar/mamujoco", "mamujoco", {"2halfcheetah": omar4}, time_limit=MAMUJOCO_LIMIT,
-                 env_options={"obs_mode": "local"}, note="OMAR's MaMuJoCo (the CFCQL continuous experiments)")
+                 env_options={"obs_mode": "local", "agent_obsk": 0, "global_categories": []},
+                 note="OMAR's MaMuJoCo, agent_obsk=0 without global categories (the CFCQL continuous experiments)")
     # original sources, fetched by hand
     for task, stem in (("Hopper-3x1", "Hopper-v2-3x1"), ("Ant-2x4", "Ant-v2-2x4"),
                        ("HalfCheetah-6x1", "HalfCheetah-v2-6x1")):
@@ -335,10 +339,40 @@ def _find(folder: Path, member: str) -> Path:
 def _convert(entry: Entry, src: Path, out: Path, quality: str) -> Path:
     from common import formats
 
-    return formats.convert(src, out, env=entry.env, task=entry.task, quality=quality, source=entry.source,
+    path = formats.convert(src, out, env=entry.env, task=entry.task, quality=quality, source=entry.source,
                            env_options=entry.env_options, provenance={"catalog": entry.name, "url": entry.url or
                                                                       entry.how, "note": entry.note},
                            **entry.options)
+    _settle_ant_model(path)
+    return path
+
+
+def _settle_ant_model(path: Path) -> None:
+    """Record which Ant model an OMIGA-style Ant dataset was recorded with.
+
+    Under MuJoCo 2.0 (OMIGA's mujoco-py) Ant-v2's 84 contact-force entries are all zero;
+    after OMIGA's per-vector z-scoring, entries 27..110 of every observation are then equal
+    within the row (docs/environments.md). That decides ``ant_contact_forces`` in
+    ``env_options``, so that ``make_env_for(meta)`` evaluates on the same model."""
+    meta_file = path / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    opts = dict(meta.get("env_options") or {})
+    if (meta.get("env") != "mamujoco" or not str(meta.get("task", "")).startswith("Ant-")
+            or opts.get("obs_mode", "omiga") != "omiga" or "ant_contact_forces" in opts):
+        return
+    obs = np.load(path / "obs.npy", mmap_mode="r")
+    if obs.shape[2] != 113:  # 111 Ant-v4/v2 entries + 2 agent ids
+        return
+    rows = np.unique(np.linspace(0, len(obs) - 1, num=min(len(obs), 4096)).astype(np.int64))
+    zero = bool(np.ptp(np.asarray(obs[rows])[:, :, 27:111], axis=2).max() < 1e-6)
+    opts["ant_contact_forces"] = not zero
+    meta["env_options"] = opts
+    meta.setdefault("provenance", {}).setdefault("notes", {})["ant_contact_forces"] = (
+        "observation entries 27..110 are constant within every sampled row: contact forces were zero "
+        "(MuJoCo 2.0 Ant-v2)" if zero else "contact-force entries vary: recorded with contact forces")
+    tmp = meta_file.with_name("meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, meta_file)
 
 
 def _from_entry(entry: Entry, quality: str, out: Path) -> Path:
@@ -419,6 +453,7 @@ def resolve(env: str, task: str, quality: str, dataset: str | None = None, *, do
             if fmt == "pymarl":
                 opts.pop("time_limit", None)  # pymarl buffers carry their episode limit
             path = formats.convert(path, format=fmt, **opts)
+            _settle_ant_model(path)
         meta = OfflineDataset.load(path, validate=False).meta
         for k, want in (("env", env), ("task", task)):
             have = str(meta.get(k, "unknown"))

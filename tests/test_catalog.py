@@ -226,3 +226,35 @@ def test_cli_lists_and_gets(capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("error: SMACv2 protoss_5_vs_5 has no public")
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("forces", [False, True])
+def test_omiga_ant_data_records_which_ant_model(tmp_path, forces):
+    # OMIGA's observation: the full Ant observation (111) + the agent id (2), z-scored per vector;
+    # under MuJoCo 2.0 entries 27..110 (contact forces) were all zero before the z-scoring
+    rng = np.random.default_rng(5)
+    R, N = 9, 2
+    raw = rng.normal(size=(R, N, 111))
+    if not forces:
+        raw[:, :, 27:] = 0.0
+    o = np.concatenate([raw, np.broadcast_to(np.eye(N), (R, N, N))], axis=2)
+    o = ((o - o.mean(axis=2, keepdims=True)) / o.std(axis=2, keepdims=True)).astype(np.float32)
+    d = np.zeros((R, 1), np.float32)
+    d[[3, 8]] = 1
+    target = data_dir() / "manual" / "omiga-hdf5" / "Ant-v2-2x4-expert.hdf5"
+    target.parent.mkdir(parents=True)
+    formats.write_omiga_hdf5(target, s=o, o=o, a=rng.uniform(-1, 1, (R, N, 4)).astype(np.float32),
+                             r=np.ones((R, 1), np.float32), d=d)
+    ds = catalog.load("mamujoco", "2ant", "expert")
+    assert ds.meta["env_options"] == {"obs_mode": "omiga", "ant_contact_forces": forces}
+    assert (ds.obs_dim, ds.state_dim, ds.n_episodes) == (113, 226, 2)
+
+
+def test_real_collect_recipes_are_used(monkeypatch):
+    monkeypatch.delitem(sys.modules, "common.collect")
+    if catalog._collect() is None:
+        pytest.skip("common.collect has no generation hook yet")
+    p = catalog.resolve("matrix", "penalty_xor", "a")
+    ds = OfflineDataset.load(p)
+    assert p == data_dir() / "matrix" / "penalty_xor" / "a" and ds.meta["source"] == "generated"
+    assert ds.n_episodes == 100 and float(ds.episode_returns().mean()) == 50.0
