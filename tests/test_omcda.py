@@ -235,32 +235,40 @@ def _eq25_fixture(seed=4, N=3, B=256):
     return W, b, base
 
 
-@pytest.mark.parametrize("clamped", [False, True])
-def test_eq25_frozen_inputs_reaches_log_mean_exp(clamped):
+@pytest.mark.parametrize("variant", ["tangent", "clamped", "train_bias"])
+def test_eq25_frozen_inputs_reaches_log_mean_exp(variant):
     """Eq. 25 with everything but V^c frozen, summed over agents through a full mixer, from a very
     low start (z far above the cap): the minimiser has V^{c,i} = log E_D exp(z_i + V^{c,i}) (Eq. 24).
-    With OMIGA's clamp of z inside the loss instead of the tangent line, V^c runs away downwards."""
+    With OMIGA's clamp of z inside the loss instead of the tangent line, V^c runs away downwards;
+    if the mixer's bias b^c were trained through Eq. 25 (it cancels in z but not in the linear
+    term) the loss would be unbounded below and b^c would run away."""
     W, b, base = _eq25_fixture()
     v = torch.full((3,), -40.0, requires_grad=True)
+    bias = b.clone().requires_grad_(variant == "train_bias")
+    if variant == "train_bias":
+        v.data.zero_()
 
     def loss_fn():
-        vmix = W @ v + b  # V^{c,i}, Eq. 16
-        z = base - vmix
-        if clamped:  # above the cap only the linear term acts, and it pushes V^c down
+        vmix = W @ v + bias  # V^{c,i}, Eq. 16
+        z = base - (W @ v + b)  # a trained bias would cancel between Q^{c,i} and V^{c,i}
+        if variant == "clamped":  # above the cap only the linear term acts, and it pushes V^c down
             return (torch.exp(z.clamp(max=10.0)) + vmix).mean(0).sum()
         return omcda.eq25_loss(z, vmix.expand_as(z)).mean(0).sum()
 
-    opt = torch.optim.Adam([v], lr=0.5, betas=(0.9, 0.9))
+    opt = torch.optim.Adam([v, bias] if variant == "train_bias" else [v], lr=0.5, betas=(0.9, 0.9))
     for _ in range(200):
         opt.zero_grad()
         loss_fn().backward()
         opt.step()
-    vmix = (W @ v + b).detach()
-    if clamped:
+    vmix = (W @ v + bias).detach()
+    if variant == "clamped":
         assert (vmix < -100).all()
         return
+    if variant == "train_bias":
+        assert (bias < -90).all() and loss_fn().item() < -250
+        return
     assert (vmix > -5).all()  # climbed out of the tangent region
-    lbfgs = torch.optim.LBFGS([v], max_iter=100, line_search_fn="strong_wolfe")
+    lbfgs = torch.optim.LBFGS([v], max_iter=50, line_search_fn="strong_wolfe")
 
     def closure():
         lbfgs.zero_grad()
@@ -361,12 +369,12 @@ def test_alpha_reaches_kl_equal_d_on_a_bandit():
     logp_b = torch.log(torch.tensor([0.2, 0.5, 0.3]))
     avail = torch.ones(1, 1, 3, dtype=torch.bool)
     for d in (0.05, 0.3):
-        ag = omcda.OMCDA(omcda.Args(hidden=8, mix_hidden=8, lr_alpha=0.02, no_allocation=True), 1, 1, 1, True, 3, 1, d)
-        for _ in range(1500):
+        ag = omcda.OMCDA(omcda.Args(hidden=8, mix_hidden=8, lr_alpha=0.05, no_allocation=True), 1, 1, 1, True, 3, 1, d)
+        for _ in range(400):
             logp = torch.log_softmax(logp_b + q / ag.alpha[0], -1)[None, None]
             kl = omcda.categorical_kl(logp, logp_b[None, None], avail)
             ag._allocate_and_alpha(kl, torch.zeros(1))
-        assert kl.item() == pytest.approx(d, rel=0.02)
+        assert kl.item() == pytest.approx(d, rel=1e-3)
 
 
 # ================================================================================ masks
@@ -417,16 +425,16 @@ def test_one_state_game_improves_and_respects_budgets():
     ds = OfflineDataset.from_padded(obs=np.ones((E, 2, 2, 1), np.float32), state=np.ones((E, 2, 1), np.float32),
                                     actions=a, reward=r, lengths=np.ones(E, int), terminated=np.ones(E, bool),
                                     meta=dict(env="matrix", task="toy", discrete=True, n_actions=3)).to("cpu").seed(0)
-    args = omcda.Args(hidden=32, mix_hidden=16, lr_return=3e-3, lr_constraint=3e-3, lr_policy=3e-3, lr_alpha=0.02,
+    args = omcda.Args(hidden=32, mix_hidden=16, lr_return=3e-3, lr_constraint=3e-3, lr_policy=3e-3, lr_alpha=0.03,
                       bc_lr=3e-3)
     ag = omcda.OMCDA(args, 2, 1, 1, True, 3, 1, d_tot=0.4)
-    for _ in range(300):
+    for _ in range(150):
         ag.bc_update(ds.sample(128))
     ones, av = torch.ones(1, 2, 1), torch.ones(1, 2, 3, dtype=torch.bool)
     kls, ds_, values = [], [], []
-    for i in range(700):
+    for i in range(600):
         m = ag.update(ds.sample(128))
-        if i >= 500 and i % 20 == 0:
+        if i >= 420 and i % 10 == 0:
             with torch.no_grad():
                 p, pb = ag.policy(ones, av).exp()[0], ag.behaviour(ones, av).exp()[0]
             kls.append((p * (p.log() - pb.log())).sum(-1))
@@ -435,7 +443,7 @@ def test_one_state_game_improves_and_respects_budgets():
     kl, d, value = torch.stack(kls).mean(0), torch.stack(ds_).mean(0), torch.stack(values).mean()
     assert torch.isclose(d.sum(), torch.tensor(0.4)) and d[0] > d[1]
     assert value > 0.5  # behaviour policy: 0; best deterministic: 1.25
-    assert torch.allclose(kl, d, rtol=0.35), (kl, d)
+    assert torch.allclose(kl, d, rtol=0.3), (kl, d)  # seeds 0-2 gave ratios 0.95-1.11
     p1 = p[0]
     assert p1[0] > p1[1] > p1[2]
 
