@@ -17,6 +17,7 @@ pi_b are fitted by behaviour cloning first and then frozen.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -318,6 +319,17 @@ class Policy(nn.Module):
 
 
 # ===================================================================== learner
+_ADAM: dict[str, Any] = {"fused": True}  # one fused kernel per optimiser (3x faster on a CPU)
+
+
+def _frozen_copy(net: nn.Module) -> nn.Module:
+    """A target network: a copy whose parameters move only by Polyak averaging."""
+    t = copy.deepcopy(net)
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
+
+
 class OMCDA(nn.Module):
     """All networks, optimisers and the update of Algorithm 1 (also used by the tests)."""
 
@@ -530,18 +542,6 @@ class OMCDA(nn.Module):
             torch._foreach_lerp_(list(tgt.parameters()), list(net.parameters()), self.args.tau)
 
 
-_ADAM: dict[str, Any] = {"fused": True}  # one fused kernel per optimiser (3x faster on a CPU)
-
-
-def _frozen_copy(net: nn.Module) -> nn.Module:
-    import copy
-
-    t = copy.deepcopy(net)
-    for p in t.parameters():
-        p.requires_grad_(False)
-    return t
-
-
 # ============================================================ policy interface
 def make_act_fn(policy: Policy, device: torch.device, deterministic: bool = True) -> Callable:
     """act_fn(obs [E, N, o], state [E, S], avail [E, N, K]) -> actions, for common.envs.evaluate."""
@@ -596,6 +596,7 @@ def main(args: Args) -> dict[str, Any]:
             raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or run directory)")
         ck = runs.load_checkpoint(args.checkpoint)
         env = envs.make_env_for(ck["meta"])
+        runs.set_seed(args.seed)  # sampled (--no-deterministic-eval) actions are reproducible
         act_fn = load_policy(args.checkpoint, str(device), args.deterministic_eval)
         res = envs.evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 + args.seed,
                             n_envs=min(args.eval_envs, args.final_eval_episodes))
