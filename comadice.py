@@ -90,13 +90,15 @@ class Args:
     """gradient-norm clip of each optimiser (0 = off)"""
     stochastic_eval: bool = False
     """evaluate by sampling actions instead of the greedy (argmax / tanh(mean)) action"""
+    eval_episode_limit: int = 0
+    """episode limit of the evaluation environment (0: the one the dataset was recorded with)"""
     eval_envs: int = 8
     """environments stepped side by side during evaluation (one batched forward pass)"""
     log_every: int = 1_000
     """updates between TensorBoard scalars and progress-bar refreshes"""
     # ---------------------------------------- the reference code's choices (docs: Differences)
     reference_code: bool = False
-    """apply all of the reference code's choices below (SMAC: return-to-go; discrete: clip 2; MaMuJoCo: actions/4)"""
+    """apply all of the reference code's choices below (SMAC: return-to-go, no terminals; discrete: clip 2; MaMuJoCo: actions/4)"""
     nu_loss: Literal["dice", "reference"] = "dice"
     """dice: the well-posed Eq. 10 of this file; reference: the reference code's per-agent nu step"""
     policy_weights: Literal["global", "per-agent"] = "global"
@@ -107,6 +109,8 @@ class Args:
     """train on the undiscounted return-to-go instead of the reward (the reference code on SMAC)"""
     action_scale: float = 1.0
     """divide dataset actions by this before fitting and multiply actions by it when acting (reference MaMuJoCo: 4)"""
+    ignore_terminal: bool = False
+    """bootstrap at true terminal steps too (the reference code on SMAC, whose done flag never fires)"""
 
 
 # =================================================================== f-divergences
@@ -266,9 +270,8 @@ def per_agent_weights(e: torch.Tensor, lam: torch.Tensor, alpha: float, f: str,
 
     Returns (weights [B], loss of the offset lambda_e, whose gradient 1 - E[w*] centres E[w*] on 1)."""
     w = w_star((e - lam.detach()) / alpha, f)
-    if clip > 0:
-        w = w.clamp(max=clip)
-    return w.sum(-1), lam * (1 - w.mean())
+    loss_lam = lam * (1 - w.mean())  # the unclipped weights, as in the reference code
+    return (w.clamp(max=clip) if clip > 0 else w).sum(-1), loss_lam
 
 
 def policy_loss(weights: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
@@ -406,7 +409,7 @@ def update(model: ComaDICE, opts: dict[str, torch.optim.Optimizer], batch: dict[
     Returns detached statistics (tensors: no host synchronisation here)."""
     gamma, alpha, f = args.gamma, args.alpha, args.f_divergence
     obs, actions, n_b = batch["obs"], batch["actions"], batch["obs"].shape[0]
-    not_done = 1.0 - batch["done"]
+    not_done = torch.ones_like(batch["done"]) if args.ignore_terminal else 1.0 - batch["done"]
 
     # Eq. 9: q and the mixer regress A_tot + nu_tot on r + gamma (1 - done) nu_tot(s') (target networks)
     with torch.no_grad():
@@ -460,7 +463,8 @@ def apply_reference_code(args: Args, env: str, discrete: bool) -> Args:
         return args
     return dataclasses.replace(
         args, nu_loss="reference", policy_weights="per-agent", weight_clip=2.0 if discrete else 0.0,
-        return_to_go=env in ("smacv1", "smacv2"), action_scale=4.0 if env == "mamujoco" else 1.0)
+        return_to_go=env in ("smacv1", "smacv2"), ignore_terminal=env in ("smacv1", "smacv2"),
+        action_scale=4.0 if env == "mamujoco" else 1.0)
 
 
 def load_data_and_env(args: Args):
@@ -479,7 +483,8 @@ def load_data_and_env(args: Args):
         problems.append(str(e))
     if args.eval_episodes > 0:
         try:
-            env = make_env_for(dataset.meta) if dataset is not None else make_env(args.env, args.task)
+            limit = {"episode_limit": args.eval_episode_limit} if args.eval_episode_limit > 0 else {}
+            env = make_env_for(dataset.meta, **limit) if dataset is not None else make_env(args.env, args.task, **limit)
         except OfflineMarlError as e:
             problems.append(f"{e} -- the environment is only needed for evaluation: train without it with "
                             "--eval-episodes 0, then evaluate the saved checkpoint where the environment is "
@@ -632,7 +637,8 @@ def evaluate_checkpoint(args: Args) -> dict[str, Any]:
     if not args.checkpoint:
         raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
     act_fn = load_policy(args.checkpoint, str(resolve_device(args.device)), None if not args.stochastic_eval else False)
-    env = make_env_for(act_fn.meta)
+    limit = args.eval_episode_limit or act_fn.args.eval_episode_limit
+    env = make_env_for(act_fn.meta, **({"episode_limit": limit} if limit > 0 else {}))
     episodes = args.final_eval_episodes
     result = evaluate(env, act_fn, episodes, 1_000_000 + 1_000 * act_fn.args.seed, n_envs=args.eval_envs)
     out = {k: result[k] for k in ("return_mean", "return_std", "win_rate", "length_mean")}

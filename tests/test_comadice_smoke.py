@@ -82,7 +82,7 @@ def stand_ins(monkeypatch):
 
 
 def small(**kw):
-    base = dict(total_steps=200, eval_every=100, log_every=50, eval_episodes=2, final_eval_episodes=3, batch_size=32,
+    base = dict(total_steps=160, eval_every=80, log_every=40, eval_episodes=2, final_eval_episodes=3, batch_size=32,
                 hidden_dim=32, mixer_hidden=16, eval_envs=2, quality="test")
     return C.Args(**(base | kw))
 
@@ -102,29 +102,29 @@ def check_run(run_dir: Path, steps: int, win_rate: bool = False):
 
 
 @pytest.mark.parametrize("family,task,extra", [
-    ("matrix", "penalty_xor", {}),
-    ("bridge", "hard", {}),
+    ("matrix", "penalty_xor", {"mixer_layers": 2, "f_divergence": "kl"}),
+    ("bridge", "hard", {"f_divergence": "chi2"}),
     ("mamujoco", "Hopper-3x1", {}),
     ("mamujoco", "Hopper-3x1", {"reference_code": True}),
     ("rware", "tiny-2ag", {}),
     ("smacv2", "protoss_5_vs_5", {"reference_code": True}),
-    ("smacv2", "protoss_5_vs_5", {"mixer_layers": 2, "f_divergence": "kl"}),
 ])
 def test_smoke_every_family(family, task, extra, tmp_path, stand_ins):
-    try:
-        env = envs.make_env(family, task)
+    try:  # short episodes: a smoke test
+        env = envs.make_env(family, task, **({} if family == "smacv2" else {"episode_limit": 25}))
     except OfflineMarlError as e:
         pytest.skip(f"{family} cannot be made here: {e}")
     ds = rollout_dataset(env, episodes=6)
     path = ds.save(tmp_path / "data")
     run_dir = tmp_path / "run"
     summary = C.main(small(env=family, task=task, dataset=str(path), run_dir=str(run_dir), **extra))
-    ckpt = check_run(run_dir, 200, win_rate=family == "smacv2")
+    ckpt = check_run(run_dir, 160, win_rate=family == "smacv2")
     assert np.isfinite(summary["return_mean"])
     if extra.get("reference_code"):
         a = ckpt["args"]
         assert a["nu_loss"] == "reference" and a["policy_weights"] == "per-agent"
-        assert a["return_to_go"] == (family == "smacv2") and a["action_scale"] == (4.0 if family == "mamujoco" else 1.0)
+        assert a["return_to_go"] == a["ignore_terminal"] == (family == "smacv2")
+        assert a["action_scale"] == (4.0 if family == "mamujoco" else 1.0)
     act = C.load_policy(str(run_dir))
     obs, state, avail = env.reset(seed=0)
     a = act(obs[None], state[None], avail[None])[0]
