@@ -547,12 +547,12 @@ def main(args: Args) -> dict[str, Any]:
     opts = model.optimizers(args.lr)
     step, train_time, last_eval = 0, 0.0, None
     if run.resumed:
-        ckpt = run.load(map_location=device)
+        ckpt = run.load(map_location="cpu")  # RNG states must stay CPU tensors; weights move on load
         model.load_state_dict(ckpt["model"])
         for k, o in opts.items():
             o.load_state_dict(ckpt["opts"][k])
         set_rng_state(ckpt["rng"])
-        dataset.generator.set_state(ckpt["data_rng"].to(dataset.generator.device))
+        dataset.generator.set_state(ckpt["data_rng"])
         step, train_time, last_eval = ckpt["step"], ckpt["train_time"], ckpt.get("last_eval")
         if run.finished and step >= args.total_steps:
             print(f"{run.dir} already finished {step} updates", file=sys.stderr)
