@@ -476,9 +476,6 @@ def load_data_and_env(args: Args):
     problems, dataset, env = [], None, None
     try:
         dataset = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-        if (dataset.meta.get("env"), dataset.meta.get("task")) != (args.env, args.task):
-            problems.append(f"the dataset is for {dataset.meta.get('env')}/{dataset.meta.get('task')} "
-                            f"but --env/--task say {args.env}/{args.task}")
     except OfflineMarlError as e:
         problems.append(str(e))
     if args.eval_episodes > 0:
@@ -534,7 +531,8 @@ def main(args: Args) -> dict[str, Any]:
     device = resolve_device(args.device)
     set_seed(args.seed)
     dataset, env = load_data_and_env(args)
-    args = apply_reference_code(args, args.env, dataset.discrete)
+    names = {k: dataset.meta[k] for k in ("env", "task") if dataset.meta.get(k, "unknown") != "unknown"}
+    args = apply_reference_code(dataclasses.replace(args, **names), dataset.meta.get("env", args.env), dataset.discrete)
     if args.policy_weights == "per-agent" and args.mixer_layers != 1:
         raise OfflineMarlError("--policy-weights per-agent needs the one-layer mixer (--mixer-layers 1)")
     if args.return_to_go:
