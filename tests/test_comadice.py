@@ -386,3 +386,39 @@ def test_proposition_4_3_local_weighted_bc():
         o = torch.tensor(np.stack([[_onehot(2 * i + k, 4) for i in range(2)] for k in range(2)]))
         learned = torch.log_softmax(pol.net(o), -1).exp().numpy()  # [o, agent, a]
     np.testing.assert_allclose(learned.transpose(1, 0, 2), local, atol=2e-3)
+
+
+# ------------------------------------------------------- the reference code's nu step
+@pytest.mark.parametrize("f", F_LIST)
+def test_reference_nu_loss_has_the_reference_gradients(f):
+    """nu_loss_reference is written from the reference code's maths: its gradients in nu and lambda
+    equal those of (1 - gamma) mean_first(nu) - alpha E[sg f(w)] + E[w (sg e - lambda)] + lambda,
+    with w = w*((e - lambda) / alpha) and e = W (q - nu), the form the reference code evaluates."""
+    torch.manual_seed(0)
+    gamma, alpha = 0.99, 3.0
+    w, q = torch.rand(64, 3, dtype=torch.float64) + 0.1, torch.randn(64, 3, dtype=torch.float64) * 4
+    first = torch.rand(64) < 0.2
+    grads = []
+    for form in ("ours", "reference"):
+        nu = (torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 4).requires_grad_()
+        lam = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        if form == "ours":
+            loss, _ = C.nu_loss_reference(w, q, nu, first, lam, gamma, alpha, f)
+        else:
+            e = w * (q - nu)
+            ww = C.w_star((e - lam) / alpha, f)
+            loss = ((1 - gamma) * nu[first].mean() - (alpha * C.f_fn(ww, f)).detach().mean()
+                    + (ww * (e.detach() - lam)).mean() + lam)
+        grads.append(torch.autograd.grad(loss, [nu, lam]))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_per_agent_weights_and_their_offset():
+    e = torch.tensor([[-10.0, 0.0, 30.0], [5.0, -2.0, 0.5]])
+    lam = torch.tensor(0.0, requires_grad=True)
+    weights, loss_lam = C.per_agent_weights(e, lam, alpha=10.0, f="soft-chi2", clip=2.0)
+    raw = C.w_star(e / 10.0, "soft-chi2")
+    np.testing.assert_allclose(weights, raw.clamp(max=2).sum(-1))  # clipped per agent, then summed
+    (g,) = torch.autograd.grad(loss_lam, lam)
+    assert float(g) == pytest.approx(1 - float(raw.mean()))  # the offset sees the unclipped weights
