@@ -627,7 +627,8 @@ def load_policy(checkpoint: str, device: str = "cpu", deterministic: bool | None
 
 def evaluate_checkpoint(args: Args) -> dict[str, Any]:
     """--eval-only: evaluate --checkpoint on the environment its dataset was recorded in; when the
-    checkpoint belongs to a run directory, its metrics.json gets the result as absolute_metrics."""
+    checkpoint belongs to a run directory without a final evaluation (trained with --eval-episodes 0),
+    its metrics.json gets the result as absolute_metrics. The result is printed as one JSON line."""
     from common import OfflineMarlError
     from common.envs import evaluate, make_env_for
     from common.runs import Run, resolve_device
@@ -643,9 +644,11 @@ def evaluate_checkpoint(args: Args) -> dict[str, Any]:
     out.update(episodes=episodes, step=act_fn.step, checkpoint=str(args.checkpoint))
     path = Path(args.checkpoint).expanduser()
     run_dir = path if path.is_dir() else path.parent.parent
-    if (run_dir / "config.json").is_file() and (run_dir / "checkpoints" / "latest.pt").is_file():
+    metrics = run_dir / "metrics.json"
+    has_final = metrics.is_file() and "absolute_metrics" in metrics.read_text()
+    if (run_dir / "config.json").is_file() and (run_dir / "checkpoints" / "latest.pt").is_file() and not has_final:
         run = Run(dataclasses.replace(act_fn.args, run_dir=str(run_dir)), "comadice", resume=True)
-        run.log_final(act_fn.step, result)
+        run.log_final(act_fn.step, result)  # a run trained without evaluation gets its final numbers
         run.close()
         out["metrics"] = str(run.metrics_path)
     print(json.dumps(out))
