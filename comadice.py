@@ -98,7 +98,7 @@ class Args:
     """updates between TensorBoard scalars and progress-bar refreshes"""
     # ---------------------------------------- the reference code's choices (docs: Differences)
     reference_code: bool = False
-    """apply all of the reference code's choices below (SMAC: return-to-go, no terminals; discrete: clip 2; MaMuJoCo: actions/4)"""
+    """apply the reference code's choices below (SMAC: return-to-go, no terminals; discrete: clip 2; MaMuJoCo: a/4)"""
     nu_loss: Literal["dice", "reference"] = "dice"
     """dice: the well-posed Eq. 10 of this file; reference: the reference code's per-agent nu step"""
     policy_weights: Literal["global", "per-agent"] = "global"
@@ -117,8 +117,8 @@ class Args:
 # f(w), its conjugate f*(y) = max_{w >= 0} w y - f(w), and the maximiser w*(y) = max(0, f'^-1(y))
 # (Prop. 4.1, Appendix B.5). soft-chi2 is the default.
 #   soft-chi2: f = w log w - w + 1 (w < 1), (w - 1)^2 / 2 (w >= 1); w* = e^y (y < 0), y + 1; f* = e^y - 1, y + y^2/2
-#   chi2:      f = (w - 1)^2 / 2;                                   w* = max(0, y + 1);    f* = y + y^2/2 (y >= -1), -1/2
-#   kl:        f = w log w - w + 1;                                 w* = e^y;              f* = e^y - 1
+#   chi2:      f = (w - 1)^2 / 2;                     w* = max(0, y + 1); f* = y + y^2/2 (y >= -1), -1/2
+#   kl:        f = w log w - w + 1;                   w* = e^y;           f* = e^y - 1
 F_DIVERGENCES = ("soft-chi2", "chi2", "kl")
 
 
@@ -364,7 +364,10 @@ class ComaDICE(nn.Module):
         n, o, s = dims["n_agents"], dims["obs_dim"], dims["state_dim"]
         self.discrete, self.action_scale = bool(dims["discrete"]), float(action_scale)
         self.nu = LocalNet(o, 1, n, hidden)
-        self.q = LocalNet(o, dims["n_actions"], n, hidden) if self.discrete else LocalNet(o + dims["act_dim"], 1, n, hidden)
+        if self.discrete:  # q_i(o_i, .) for every action
+            self.q = LocalNet(o, dims["n_actions"], n, hidden)
+        else:  # q_i(o_i, a_i)
+            self.q = LocalNet(o + dims["act_dim"], 1, n, hidden)
         self.mixer = Mixer(s, n, mixer_hidden, mixer_layers, mixer_embed)
         self.policy = Policy(o, n, self.discrete, dims["n_actions"], dims["act_dim"], hidden, action_scale)
         self.lambda_v = nn.Parameter(torch.zeros(()))
@@ -449,7 +452,8 @@ def update(model: ComaDICE, opts: dict[str, torch.optim.Optimizer], batch: dict[
             for tp, sp in zip(getattr(model, name + "_target").parameters(), getattr(model, name).parameters()):
                 tp.lerp_(sp, args.tau)
         return {"losses/q": loss_q.detach(), "losses/nu": loss_nu.detach(), "losses/policy": loss_pi.detach(),
-                "charts/w_mean": w_nu.mean(), "charts/w_max": w_nu.max(), "charts/w_small_frac": (w_nu < 1e-2).float().mean(),
+                "charts/w_mean": w_nu.mean(), "charts/w_max": w_nu.max(),
+                "charts/w_small_frac": (w_nu < 1e-2).float().mean(),
                 "charts/bc_weight_mean": weights.mean(), "charts/bc_weight_max": weights.max(),
                 "charts/adv_mean": adv.mean(), "charts/adv_std": adv.std(),
                 "charts/nu_tot_init": mix(p_init, nu_init.detach()).mean(), "charts/q_target_mean": target.mean(),
@@ -525,7 +529,8 @@ def main(args: Args) -> dict[str, Any]:
         return evaluate_checkpoint(args)
     if args.nu_loss == "reference" or args.reference_code:
         if args.mixer_layers != 1:
-            raise OfflineMarlError("the reference code's nu step and weights need the one-layer mixer (--mixer-layers 1)")
+            raise OfflineMarlError("the reference code's nu step and weights need the one-layer mixer "
+                                   "(--mixer-layers 1)")
     if args.f_divergence not in F_DIVERGENCES:
         raise OfflineMarlError(f"unknown --f-divergence {args.f_divergence}; choose one of {F_DIVERGENCES}")
     device = resolve_device(args.device)
