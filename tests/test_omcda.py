@@ -301,6 +301,23 @@ def test_value_losses_leave_the_mixers_alone():
     assert not all(torch.equal(a, b) for a, b in zip(vc_before, ag.v_c.parameters()))
 
 
+def test_mixers_are_non_negative_and_diag_switch():
+    """Eqs. 13-16: w >= 0; row i of the constraint mixer mixes all agents' values into agent i's
+    Q^{c,i} (or only its own with --diag-constraint-mixer)."""
+    torch.manual_seed(0)
+    s, x = torch.randn(5, 4), torch.randn(5, 3)
+    for diag in (False, True):
+        mixer = omcda.Mixer(4, 3, 3, 8, diag=diag)
+        w, b = mixer(s)
+        assert w.shape == (5, 3, 3) and b.shape == (5, 3) and (w >= 0).all()
+        off = w[:, ~torch.eye(3, dtype=torch.bool)]
+        assert (off == 0).all() if diag else (off > 0).any()
+        explicit = torch.stack([sum(w[:, i, j] * x[:, j] for j in range(3)) + b[:, i] for i in range(3)], 1)
+        assert torch.allclose(omcda.mix(w, b, x), explicit, atol=1e-6)
+    w, b = omcda.Mixer(4, 3, 1, 8)(s)
+    assert w.shape == (5, 1, 3) and omcda.mix(w, b, x).shape == (5, 1)
+
+
 # ============================================================ tabular exactness (N = 1)
 def _newton(loss_fn, v, iters=5):
     """Minimiser of a convex, elementwise-separable loss_fn(v [S]) by damped Newton steps from v."""
