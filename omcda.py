@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -118,6 +120,8 @@ class Args:
     """evaluate with the policy's mode (argmax / tanh(mean)) instead of sampling"""
     eval_envs: int = 10
     """environments stepped side by side during evaluation (one batched forward pass)"""
+    eval_episode_limit: int = 0
+    """episode limit of the evaluation environment; 0 = the one the dataset was recorded with"""
     log_every: int = 1000
     """updates between TensorBoard scalars"""
     threads: int = 1
@@ -568,6 +572,10 @@ def load_policy(checkpoint: str, device: str = "cpu", deterministic: bool = True
 
 
 # ======================================================================= main
+def _limit(episode_limit: int) -> dict[str, int]:
+    return {"episode_limit": episode_limit} if episode_limit > 0 else {}
+
+
 def _scalars(m: dict[str, torch.Tensor], n: int) -> dict[str, float]:
     """TensorBoard names for the update's outputs (the per-agent curves are the paper's Fig. 3)."""
     out = {f"losses/{k[5:]}": v.item() for k, v in m.items() if k.startswith("loss_")}
@@ -595,19 +603,20 @@ def main(args: Args) -> dict[str, Any]:
         if not args.checkpoint:
             raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or run directory)")
         ck = runs.load_checkpoint(args.checkpoint)
-        env = envs.make_env_for(ck["meta"])
+        env = envs.make_env_for(ck["meta"], **_limit(args.eval_episode_limit))
         runs.set_seed(args.seed)  # sampled (--no-deterministic-eval) actions are reproducible
         act_fn = load_policy(args.checkpoint, str(device), args.deterministic_eval)
         res = envs.evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 + args.seed,
                             n_envs=min(args.eval_envs, args.final_eval_episodes))
-        print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
-              + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
+        out = {k: res[k] for k in ("return_mean", "return_std", "win_rate", "length_mean")}
+        print(json.dumps(dict(out, episodes=args.final_eval_episodes, step=ck["step"],
+                              deterministic=args.deterministic_eval, checkpoint=str(args.checkpoint))))
         env.close()
         return res
 
     runs.set_seed(args.seed)
     ds = catalog.load(args.env, args.task, args.quality, args.dataset)
-    env = envs.make_env_for(ds.meta)
+    env = envs.make_env_for(ds.meta, **_limit(args.eval_episode_limit))
     ds.check_env(env)
     ds.to(device).seed(args.seed)
     N = ds.n_agents
@@ -620,7 +629,7 @@ def main(args: Args) -> dict[str, Any]:
     run = runs.Run(args, "omcda", resume=args.resume)
     step, bc_done, last_eval = 0, False, float("nan")
     if run.resumed:
-        ck = run.load(map_location=device)
+        ck = run.load(map_location="cpu")  # RNG states stay CPU tensors; weights move on load
         agent.load_state_dict(ck["model"])
         for k, opt in agent.optimizers().items():
             opt.load_state_dict(ck["optim"][k])
@@ -678,6 +687,8 @@ def main(args: Args) -> dict[str, Any]:
     run.finish(summary)
     run.close()
     env.close()
+    print(f"omcda {args.env}/{args.task}/{args.quality}: {step} updates at {ups:.1f} updates/s, final return "
+          f"{final['return_mean']:.4g} +- {final['return_std']:.3g}; run directory {run.dir}", file=sys.stderr)
     return dict(summary, run_dir=str(run.dir))
 
 

@@ -561,4 +561,4 @@ def test_save_resume_matches_uninterrupted_run_and_eval_only(tmp_path, matrix_da
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     res = omcda.main(omcda.Args(eval_only=True, checkpoint=part.run_dir, final_eval_episodes=3, device="cpu"))
-    assert len(res["returns"]) == 3 and "return" in capsys.readouterr().out
+    assert len(res["returns"]) == 3 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 30
