@@ -102,7 +102,7 @@ def test_training_resumes_exactly(tmp_path):
     for part in ("actor", "q", "q_target"):
         for k, v in A["sac"][part].items():
             torch.testing.assert_close(B["sac"][part][k], v, rtol=0, atol=0)
-    torch.testing.assert_close(A["sac"]["opt_q"]["state"][0]["exp_avg"], B["sac"]["opt_q"]["state"][0]["exp_avg"], rtol=0, atol=0)
+    torch.testing.assert_close(A["sac"]["opt"]["state"][5]["exp_avg"], B["sac"]["opt"]["state"][5]["exp_avg"], rtol=0, atol=0)
     for k in bh.Buffer.FIELDS:
         np.testing.assert_array_equal(np.load(a / "buffer" / f"{k}.npy"), np.load(b / "buffer" / f"{k}.npy"))
     la = [json.loads(x) for x in (a / "log.jsonl").read_text().splitlines()]
