@@ -76,29 +76,22 @@ def make_gym_env(task: str):
         import gymnasium as gym
     except ImportError as e:  # pragma: no cover - depends on the install
         raise BehaviourError("MaMuJoCo needs gymnasium and mujoco: pip install 'offline-marl[mujoco]'") from e
-    gym_id, kwargs, _ = _task(task)
-    import warnings
+    from common.envs import _build_quietly  # v4 on purpose: silence "out of date" and MuJoCo's XML notice
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Hopper-v4 is out of date": v4 is what the published data used
-        return gym.make(gym_id, **kwargs)
+    gym_id, kwargs, _ = _task(task)
+    return _build_quietly(gym.make, gym_id, **kwargs)
 
 
 # ========================================================== the omiga layout
 def omiga_layout(raw: np.ndarray, n_agents: int) -> tuple[np.ndarray, np.ndarray]:
-    """Single-agent observations ``[..., D]`` -> the ``omiga`` multi-agent layout.
+    """Single-agent observations ``[..., D]`` -> the ``omiga`` multi-agent layout of
+    ``common.envs.MaMuJoCo``: ``obs [..., N, D + N]`` (agent ``i`` sees
+    ``z([raw, onehot(i)])``, z-scored within that vector, ``common.envs.omiga_obs``)
+    and ``state [..., N * (D + N)]`` (the agents' observations concatenated)."""
+    from common.envs import omiga_obs
 
-    Agent ``i`` sees ``z([raw, onehot(i)])`` where ``z(x) = (x - mean(x)) / std(x)``
-    is taken over the ``D + N`` entries of that one vector (as in the MuJoCo
-    wrapper that recorded OMIGA's data). The state is the concatenation of the
-    agents' observations. Returns ``obs [..., N, D + N]`` and ``state [..., N * (D + N)]``."""
-    raw = np.asarray(raw, dtype=np.float64)
-    lead = raw.shape[:-1]
-    eye = np.broadcast_to(np.eye(n_agents), lead + (n_agents, n_agents))
-    x = np.concatenate([np.broadcast_to(raw[..., None, :], lead + (n_agents, raw.shape[-1])), eye], axis=-1)
-    x = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)
-    obs = x.astype(np.float32)
-    return obs, obs.reshape(lead + (-1,))
+    obs = omiga_obs(raw, n_agents)
+    return obs, obs.reshape(obs.shape[:-2] + (-1,))
 
 
 def raw_from_omiga(obs: np.ndarray | torch.Tensor, n_agents: int) -> np.ndarray:
@@ -559,8 +552,9 @@ def _rollout_impl(tqdm, task, policy_at, transitions, seed, n_envs, deterministi
     return out
 
 
-def episodes_to_dataset(task: str, episodes: list[dict[str, Any]], meta: dict[str, Any], chunk: int = 1 << 16):
-    """Single-agent episodes -> an ``OfflineDataset`` in the ``omiga`` layout."""
+def single_agent_episodes_to_dataset(task: str, episodes: list[dict[str, Any]], meta: dict[str, Any], chunk: int = 1 << 16):
+    """Single-agent episodes -> an ``OfflineDataset`` in the ``omiga`` layout, built row
+    by row (no padding to the longest episode: 1M Ant rows are already 1.8 GB)."""
     from common.data import OfflineDataset
 
     n = _task(task)[2]
@@ -622,10 +616,9 @@ def _replay_schedule(ck: dict[str, Any], transitions: int, device: str = "cpu") 
     return policy_at
 
 
-def generate_mamujoco(task: str, quality: str, out: str | os.PathLike, seed: int = 0,
-                      transitions: int | None = None, n_envs: int = 10, progress: bool = True) -> Path:
-    """Generate a MaMuJoCo dataset from the shipped behaviour policies into ``out``
-    (native format, ``obs_mode: omiga``) and return ``out``.
+def mamujoco_dataset(task: str, quality: str, seed: int = 0, transitions: int | None = None, n_envs: int = 10,
+                     progress: bool = True):
+    """A MaMuJoCo ``OfflineDataset`` (``obs_mode: omiga``) made from the shipped behaviour policies.
 
     ``expert``: the converged policy, ``medium``: the early-stopped one (both
     sampling their stochastic actions), ``medium-replay``: the training run's
@@ -636,12 +629,9 @@ def generate_mamujoco(task: str, quality: str, out: str | os.PathLike, seed: int
     import gymnasium
     import mujoco
 
-    from common.data import OfflineDataset
-
     if quality not in MAMUJOCO_QUALITIES:
         raise BehaviourError(f"no MaMuJoCo recipe {quality!r}; choose one of {', '.join(MAMUJOCO_QUALITIES)}")
     gym_id, gym_kwargs, n_agents = _task(task)
-    out = Path(out)
     used: dict[str, str] = {}
     if quality == "medium-replay":
         path = shipped_path(task, "replay")
@@ -667,9 +657,15 @@ def generate_mamujoco(task: str, quality: str, out: str | os.PathLike, seed: int
                 provenance=dict(command=cmd, generator="common.behaviour.generate_mamujoco", seed=seed,
                                 behaviour_checkpoints_sha256=used, simulator=f"{gym_id} {gym_kwargs}",
                                 gymnasium=gymnasium.__version__, mujoco=mujoco.__version__))
-    ds = episodes_to_dataset(task, eps, meta)
+    return single_agent_episodes_to_dataset(task, eps, meta)
+
+
+def generate_mamujoco(task: str, quality: str, out: str | os.PathLike, seed: int = 0,
+                      transitions: int | None = None, n_envs: int = 10, progress: bool = True) -> Path:
+    """``mamujoco_dataset(...)`` saved at ``out`` (native format); returns ``out``."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return ds.save(out)
+    return mamujoco_dataset(task, quality, seed, transitions, n_envs, progress).save(out)
 
 
 def buffer_to_dataset(run_dir: str | os.PathLike, task: str, up_to: int):
@@ -687,7 +683,7 @@ def buffer_to_dataset(run_dir: str | os.PathLike, task: str, up_to: int):
                         reward=np.asarray(a["rew"][s:e]), terminated=bool(a["term"][e - 1] > 0)))
     meta = dict(env="mamujoco", task=task, quality="medium-replay", source="recorded replay buffer",
                 env_options={"obs_mode": "omiga"}, provenance=dict(run_dir=str(run_dir), up_to=up_to))
-    return episodes_to_dataset(task, eps, meta)
+    return single_agent_episodes_to_dataset(task, eps, meta)
 
 
 # ================================================================= shipping

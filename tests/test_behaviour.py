@@ -201,3 +201,39 @@ def test_load_behaviour_policy_acts_on_the_omiga_layout():
     assert act.shape == (6, 3, 1)
     expect = actor(torch.as_tensor(raw, dtype=torch.float32), deterministic=True)[0]
     torch.testing.assert_close(act.reshape(6, 3), expect, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("task", ["Hopper-3x1", "Ant-2x4", "HalfCheetah-6x1"])
+def test_recording_layout_matches_the_mamujoco_wrapper(task):
+    """Data recorded on the single-agent robot and converted with ``omiga_layout`` is
+    what ``make_env('mamujoco', task, obs_mode='omiga')`` shows the agents."""
+    from common.envs import make_env
+
+    raw_dim, act_dim, n = DIMS[task]
+    ma = make_env("mamujoco", task, obs_mode="omiga")
+    single = bh.make_gym_env(task)
+    o, s, _ = ma.reset(seed=7)
+    raw = single.reset(seed=7)[0]
+    rng = np.random.default_rng(0)
+    for t in range(20):
+        obs, state = bh.omiga_layout(raw, n)
+        np.testing.assert_allclose(o, obs, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(s, state, rtol=1e-6, atol=1e-6)
+        joint = rng.uniform(-1, 1, act_dim)
+        o, s, _, r, term, trunc, _ = ma.step(bh.split_actions(joint, n))
+        raw, r1, term1, _, _ = single.step(joint)
+        assert r == pytest.approx(r1) and term == term1
+        if term:
+            break
+    ma.close()
+    single.close()
+
+
+@needs_hopper
+def test_behaviour_policy_in_the_multi_agent_env_matches_its_record():
+    from common.envs import evaluate, make_env
+
+    rec = json.loads((bh.ASSETS / "behaviour.json").read_text())["Hopper-3x1"]["medium"]
+    res = evaluate(make_env("mamujoco", "Hopper-3x1", obs_mode="omiga"),
+                   bh.load_behaviour_policy(bh.shipped_path("Hopper-3x1", "medium")), episodes=4, seed=0, n_envs=4)
+    assert abs(res["return_mean"] - rec["return_mean"]) < 3 * rec["return_std"] + 0.2 * rec["return_mean"]
