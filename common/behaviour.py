@@ -600,18 +600,20 @@ def _sha256(path: Path) -> str:
 def _replay_schedule(ck: dict[str, Any], transitions: int, device: str = "cpu") -> Callable[[int], Actor | None]:
     """``policy_at(t)`` of medium-replay: the training run's sequence of policies,
     stretched or shrunk onto ``transitions`` steps. Training step ``s`` was acted by
-    uniform noise while ``s < learning_starts`` and afterwards by the actor of
-    snapshot ``floor(s / snapshot_every) * snapshot_every`` (the policy kept
-    changing between snapshots; this takes the one at the start of each interval)."""
+    uniform noise while ``s < learning_starts`` and afterwards by the last snapshot
+    taken at or before ``s`` (the policy kept changing between snapshots; this takes
+    the one at the start of each interval)."""
+    import bisect
+
     total = ck["medium_step"]
-    every = ck["snapshot_every"]
     actors = {int(k): _actor_from(ck, v, device) for k, v in ck["snapshots"].items()}
+    steps = sorted(actors)
 
     def policy_at(t: int) -> Actor | None:
         s = t * total // transitions  # the training step this transition stands for
         if s < ck["learning_starts"]:
             return None
-        return actors[min(s // every * every, max(actors))]
+        return actors[steps[max(0, bisect.bisect_right(steps, s) - 1)]]  # the last snapshot at or before s
 
     return policy_at
 

@@ -175,7 +175,7 @@ def test_medium_replay_rises_from_random_to_medium(tmp_path):
     ck = bh.load_checkpoint(bh.shipped_path("Hopper-3x1", "replay"))
     n = 4000
     ds = OfflineDataset.load(bh.generate_mamujoco("Hopper-3x1", "medium-replay", tmp_path / "mr", seed=0,
-                                                  transitions=n, progress=False))
+                                                  transitions=n, n_envs=2, progress=False))
     assert ds.n_transitions == n
     # the first learning_starts / medium_step of the data is uniform noise in [-1, 1]
     n_rand = n * ck["learning_starts"] // ck["medium_step"]
