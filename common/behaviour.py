@@ -697,7 +697,7 @@ def _eval(task: str, actor: Actor, episodes: int, seed: int) -> dict[str, float]
 
 
 def ship(task: str = "Hopper-3x1", seed: int = 0, run_dir: str = "", medium_fraction: float = 0.4,
-         expert_candidates: int = 3, select_episodes: int = 20, episodes: int = 100, replay_dtype: str = "float16") -> None:
+         expert_candidates: int = 3, select_episodes: int = 10, episodes: int = 100, replay_dtype: str = "float16") -> None:
     """Choose the expert and medium policies of a finished training run, measure them
     over ``episodes`` episodes and write ``common/assets/mamujoco/<task>/{expert,medium,replay}.pt``
     and the task's entry of ``common/assets/mamujoco/behaviour.json``.
