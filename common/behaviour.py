@@ -16,8 +16,9 @@ medium-expert) cannot be downloaded here, so this module makes equivalent ones:
    step) and resumes bit-exactly; it snapshots the actor every ``snapshot_every``
    steps with a short evaluation, which is how the medium policy is chosen and
    how medium-replay is regenerated.
-2. ``ship``: picks the expert (final) and medium (earliest snapshot at about
-   0.4 x expert return) policies, measures both over 100 episodes and writes the
+2. ``ship``: picks the expert (the best of the last snapshots) and medium (the
+   snapshot closest to 0.4 x expert return) policies, measures both over 100
+   episodes and writes the
    small committed artefacts under ``common/assets/mamujoco/`` plus the training
    record ``common/assets/mamujoco/behaviour.json``.
 3. ``generate`` / ``generate_mamujoco``: the four recipes, deterministic from a
@@ -132,7 +133,7 @@ class Actor(nn.Module):
             return torch.tanh(mean), None
         std = log_std.exp()
         u = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        # log N(u; mean, std) - sum log(1 - tanh(u)^2), the change of variables of eq. 26;
+        # log N(u; mean, std) - sum log(1 - tanh(u)^2), the change of variables of appendix C;
         # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) is the stable form.
         logp = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
         logp = logp - (2.0 * (np.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
@@ -258,7 +259,7 @@ class SAC:
             y = rew + self.cfg.gamma * (1.0 - term) * v2
         # J_Q, eq. 5 (both critics regress on the same target)
         q_loss = 0.5 * ((self.q(obs, act) - y) ** 2).mean(1).sum()
-        # J_pi, eq. 7 with the reparameterised action of eq. 11
+        # J_pi, eq. 7, with the reparameterised action a = tanh(mean + std * eps) of sec. 4.2
         a, logp = self.actor(obs, gen)
         pi_loss = (alpha * logp - self.q(obs, a, detach=True).min(0).values).mean()
         # J(alpha), eq. 18
