@@ -381,6 +381,23 @@ for _task in ("hard", "easy"):
 
 # ------------------------------------------------- further families' recipes below
 
+# MaMuJoCo (issue 6): OMIGA's four qualities, rolled out from the behaviour policies
+# shipped in common/assets/mamujoco (common/behaviour.py; imported only when built).
+def _mamujoco(task: str, quality: str) -> Callable[[int], OfflineDataset]:
+    def build(seed: int) -> OfflineDataset:
+        from common.behaviour import mamujoco_dataset
+
+        return mamujoco_dataset(task, quality, seed=seed)
+    return build
+
+
+for _task in ("Hopper-3x1", "Ant-2x4", "HalfCheetah-6x1"):
+    for _q, _about in (("expert", "200k steps of the converged SAC behaviour policy"),
+                       ("medium", "200k steps of the early-stopped SAC policy (~0.4 x expert return)"),
+                       ("medium-replay", "the SAC training run from uniform noise up to medium, regenerated"),
+                       ("medium-expert", "200k steps of medium then 200k of expert")):
+        RECIPES[("mamujoco", _task, _q)] = Recipe(_mamujoco(_task, _q), _about)
+
 
 def has_recipe(env: str, task: str, quality: str) -> bool:
     """Whether ``generate`` can make (env, task, quality) locally."""
