@@ -23,6 +23,7 @@ import os
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _to_jsonable(x: Any) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return {k: _to_jsonable(v) for k, v in dataclasses.asdict(x).items()}
+    if isinstance(x, SimpleNamespace):
+        x = vars(x)
     if isinstance(x, dict):
         return {str(k): _to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

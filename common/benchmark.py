@@ -1,0 +1,665 @@
+"""Grids of runs (algorithms x tasks x qualities x seeds) and their aggregation.
+
+    python -m common.benchmark run benchmarks/bridge.toml            # a definition file
+    python -m common.benchmark run --algos comadice.py baselines/bc.py --env bridge \\
+        --tasks hard --qualities mix --seeds 0 1 2 --extra="--total-steps 5000"
+    python -m common.benchmark aggregate benchmark_runs/bridge --table docs/results/bridge.md
+
+Every run of a grid has a fixed directory, ``<root>/<env>__<task>__<quality>__<algo>__<seed>``,
+passed to the algorithm file as ``--run-dir``. That makes a grid idempotent: a run
+whose directory has ``done.json`` is skipped, one with a checkpoint but no
+``done.json`` (interrupted) is restarted with ``--resume``, and a failed run is
+reported with the tail of its log while the rest of the grid goes on.
+
+Backends: ``local`` (a pool of worker processes on this machine), ``slurm``
+(``submitit``: one job per run or a job array) and ``ray`` (tasks on a Ray cluster).
+Aggregation reads each run's ``metrics.json`` (marl-eval layout) and writes
+Markdown tables (mean ± std, standard error, IQM with bootstrap confidence
+intervals via ``rliable``, probability of improvement), a merged marl-eval JSON,
+and PNG plots (learning curves with confidence bands, IQM bars per env family).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from common import OfflineMarlError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class BenchmarkError(OfflineMarlError):
+    """A grid cannot be run or aggregated as asked."""
+
+
+# ===================================================================== grids
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a grid: which file, which data, which seed, which flags."""
+
+    algo_file: str
+    env: str
+    task: str
+    quality: str
+    seed: int
+    args: tuple[str, ...] = ()
+
+    @property
+    def algo(self) -> str:
+        return Path(self.algo_file).stem
+
+    @property
+    def name(self) -> str:
+        return f"{self.env}__{self.task}__{self.quality}__{self.algo}__{self.seed}"
+
+    def run_dir(self, root: Path) -> Path:
+        return Path(root) / self.name
+
+    def command(self, root: Path, resume: bool, python: str = sys.executable) -> list[str]:
+        script = Path(self.algo_file)
+        if not script.is_absolute():
+            script = REPO / script
+        cmd = [python, str(script), "--env", self.env, "--task", self.task, "--quality", self.quality,
+               "--seed", str(self.seed), "--run-dir", str(self.run_dir(root)), *self.args]
+        return cmd + (["--resume"] if resume else [])
+
+    def fingerprint(self) -> str:
+        """Identifies what the run computes (not where): guards a directory against reuse
+        by a run with other flags."""
+        text = json.dumps([self.algo_file, self.env, self.task, self.quality, self.seed, list(self.args)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def expand_grid(algos: Sequence[str], env: str, tasks: Sequence[str], qualities: Sequence[str],
+                seeds: Sequence[int], extra: Sequence[str] = (),
+                algo_args: dict[str, Sequence[str]] | None = None) -> list[RunSpec]:
+    """Every (algorithm, task, quality, seed) combination, in that nesting order.
+    ``extra`` flags go to every run, ``algo_args[file]`` only to that algorithm's runs."""
+    if not algos or not tasks or not qualities or not seeds:
+        raise BenchmarkError("a grid needs at least one algorithm, task, quality and seed")
+    algo_args = algo_args or {}
+    specs = []
+    for algo, task, quality, seed in itertools.product(algos, tasks, qualities, seeds):
+        specs.append(RunSpec(algo, env, task, quality, int(seed), tuple(extra) + tuple(algo_args.get(algo, ()))))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise BenchmarkError("two runs of the grid would share a directory (the same algorithm file twice?)")
+    return specs
+
+
+def run_status(spec: RunSpec, root: Path) -> Literal["done", "interrupted", "new"]:
+    d = spec.run_dir(root)
+    if (d / "done.json").is_file():
+        return "done"
+    if (d / "checkpoints" / "latest.pt").is_file():
+        return "interrupted"
+    return "new"
+
+
+# =================================================================== running
+@dataclass
+class RunResult:
+    spec: RunSpec
+    status: Literal["skipped", "ok", "failed"]
+    returncode: int = 0
+    seconds: float = 0.0
+    log_tail: str = ""
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def execute(spec: RunSpec, root: str, threads: int = 1, python: str = sys.executable) -> RunResult:
+    """Run one grid cell to completion in a subprocess (what every backend calls).
+
+    Skips a finished run, resumes an interrupted one, writes the combined output
+    to ``<run_dir>/log.txt``, and never raises for a failed run."""
+    root_p = Path(root)
+    status = run_status(spec, root_p)
+    if status == "done":
+        return RunResult(spec, "skipped")
+    d = spec.run_dir(root_p)
+    d.mkdir(parents=True, exist_ok=True)
+    fp = d / "benchmark.json"
+    if fp.is_file():
+        old = json.loads(fp.read_text()).get("fingerprint")
+        if old != spec.fingerprint():
+            return RunResult(spec, "failed", -1, 0.0,
+                             f"{d} holds a run with other flags (fingerprint {old}); use another output root")
+    fp.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": dataclasses.asdict(spec)}, indent=2))
+    # the algorithm files import `common`: make this checkout importable even when not pip-installed
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               PYTHONPATH=pythonpath)
+    cmd = spec.command(root_p, resume=status == "interrupted", python=python)
+    t0 = time.time()
+    with open(d / "log.txt", "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                             stdin=subprocess.DEVNULL)
+    dt = time.time() - t0
+    if rc == 0 and (d / "done.json").is_file():
+        return RunResult(spec, "ok", 0, dt)
+    if rc == 0:
+        return RunResult(spec, "failed", 0, dt, _tail(d / "log.txt") + "\n(the run exited 0 but wrote no done.json)")
+    return RunResult(spec, "failed", rc, dt, _tail(d / "log.txt"))
+
+
+@dataclass
+class SlurmOptions:
+    """Options of the ``slurm`` backend (passed to ``submitit.AutoExecutor``)."""
+
+    partition: str = ""
+    """Slurm partition (empty: the cluster's default)."""
+    time_min: int = 24 * 60
+    """Time limit of each job, in minutes."""
+    mem_gb: int = 16
+    """Memory per job."""
+    gpus: int = 0
+    """GPUs per job."""
+    cpus: int = 2
+    """CPUs per job."""
+    array: bool = True
+    """Submit the grid as one job array (else one job per run)."""
+    array_parallelism: int = 64
+    """How many array tasks may run at once."""
+    folder: str = ""
+    """submitit's log folder (default: <root>/submitit)."""
+    cluster: str = ""
+    """submitit cluster override: "local" or "debug" run without Slurm (for testing)."""
+
+
+def _run_local(specs: list[RunSpec], root: Path, workers: int, threads: int, progress: bool) -> list[RunResult]:
+    from tqdm import tqdm
+
+    results = []
+    # Each run is its own Python process; the pool only waits on them, so threads suffice.
+    with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futs = [pool.submit(execute, s, str(root), threads) for s in specs]
+        with tqdm(total=len(futs), desc="runs", disable=not progress) as bar:
+            for f in cf.as_completed(futs):
+                r = f.result()
+                results.append(r)
+                bar.set_postfix_str(f"{r.spec.name}: {r.status}")
+                bar.update()
+    return results
+
+
+def _run_slurm(specs: list[RunSpec], root: Path, threads: int, opt: SlurmOptions) -> list[RunResult]:
+    try:
+        import submitit
+    except ImportError:
+        raise BenchmarkError('the slurm backend needs submitit: pip install "offline-marl[benchmark]"') from None
+    ex = submitit.AutoExecutor(folder=opt.folder or str(root / "submitit"), cluster=opt.cluster or None)
+    params: dict[str, Any] = dict(timeout_min=opt.time_min, mem_gb=opt.mem_gb, cpus_per_task=opt.cpus,
+                                  gpus_per_node=opt.gpus, name="offline-marl")
+    if ex.cluster == "slurm":
+        params["slurm_array_parallelism"] = opt.array_parallelism
+        if opt.partition:
+            params["slurm_partition"] = opt.partition
+    ex.update_parameters(**params)
+    todo = [s for s in specs if run_status(s, root) != "done"]
+    results = [RunResult(s, "skipped") for s in specs if run_status(s, root) == "done"]
+    if not todo:
+        return results
+    if opt.array:
+        jobs = ex.map_array(execute, todo, [str(root)] * len(todo), [threads] * len(todo))
+    else:
+        jobs = [ex.submit(execute, s, str(root), threads) for s in todo]
+    for s, j in zip(todo, jobs):
+        try:
+            results.append(j.result())
+        except Exception as e:  # the job itself died (time limit, node failure)
+            results.append(RunResult(s, "failed", -1, 0.0, f"{type(e).__name__}: {e}"))
+    return results
+
+
+def _run_ray(specs: list[RunSpec], root: Path, threads: int, address: str, gpus: float) -> list[RunResult]:
+    try:
+        import ray
+    except ImportError:
+        raise BenchmarkError('the ray backend needs Ray: pip install "offline-marl[ray]"') from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        remote = ray.remote(num_cpus=threads, num_gpus=gpus)(execute)
+        refs = [remote.remote(s, str(root), threads) for s in specs]
+        out = []
+        for s, ref in zip(specs, refs):
+            try:
+                out.append(ray.get(ref))
+            except Exception as e:  # a worker died
+                out.append(RunResult(s, "failed", -1, 0.0, f"{type(e).__name__}: {e}"))
+        return out
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_grid(specs: list[RunSpec], root: str | Path, backend: str = "local", workers: int = 1, threads: int = 1,
+             slurm: SlurmOptions | None = None, ray_address: str = "", ray_gpus: float = 0.0,
+             progress: bool = True) -> list[RunResult]:
+    """Run every spec (skipping finished ones, resuming interrupted ones) on ``backend``."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if backend == "local":
+        return _run_local(specs, root, workers, threads, progress)
+    if backend == "slurm":
+        return _run_slurm(specs, root, threads, slurm or SlurmOptions())
+    if backend == "ray":
+        return _run_ray(specs, root, threads, ray_address, ray_gpus)
+    raise BenchmarkError(f"unknown backend {backend!r}; choose local, slurm or ray")
+
+
+def report(results: list[RunResult]) -> str:
+    """A short text summary; failures come with their log tail."""
+    n = {k: sum(r.status == k for r in results) for k in ("ok", "skipped", "failed")}
+    lines = [f"{len(results)} runs: {n['ok']} ran, {n['skipped']} already done, {n['failed']} failed"]
+    for r in results:
+        if r.status == "failed":
+            lines.append(f"\n--- FAILED {r.spec.name} (exit {r.returncode}); log: "
+                         f"{r.spec.run_dir(Path('.'))}/log.txt; last lines:\n{r.log_tail}")
+    return "\n".join(lines)
+
+
+# =============================================================== aggregation
+@dataclass
+class RunRecord:
+    """What aggregation needs from one run directory."""
+
+    env: str
+    task: str
+    quality: str
+    algo: str
+    seed: int
+    steps: np.ndarray  # [K] evaluation step counts
+    curve: np.ndarray  # [K] mean return of each evaluation
+    final: float  # mean return of the final evaluation (absolute_metrics; else the last one)
+    best: float  # best mean return over the evaluations
+    win_final: float | None
+    metrics: dict[str, Any]
+
+
+def load_runs(root: str | Path) -> list[RunRecord]:
+    """Every run under ``root`` (recursively) that has a config.json and metrics.json."""
+    out = []
+    for mpath in sorted(Path(root).rglob("metrics.json")):
+        d = mpath.parent
+        cpath = d / "config.json"
+        if not cpath.is_file():
+            continue
+        cfg = json.loads(cpath.read_text())
+        metrics = json.loads(mpath.read_text())
+        try:
+            (env, tasks), = metrics.items()
+            (task_key, algos), = tasks.items()
+            (algo, seeds), = algos.items()
+            (seed_key, entry), = seeds.items()
+        except ValueError:
+            raise BenchmarkError(f"{mpath} does not hold exactly one run in marl-eval layout") from None
+        step_keys = sorted((k for k in entry if k.startswith("step_")), key=lambda k: int(k.split("_")[1]))
+        steps = np.array([entry[k]["step_count"] for k in step_keys], dtype=np.int64)
+        curve = np.array([np.mean(entry[k]["episode_return"]) for k in step_keys], dtype=np.float64)
+        absm = entry.get("absolute_metrics")
+        if absm:
+            final = float(np.mean(absm["episode_return"]))
+            win = float(np.mean(absm["win_rate"])) if "win_rate" in absm else None
+        elif len(curve):
+            final = float(curve[-1])
+            last = entry[step_keys[-1]]
+            win = float(np.mean(last["win_rate"])) if "win_rate" in last else None
+        else:
+            continue  # no evaluation yet
+        best = float(max(curve.max() if len(curve) else -np.inf, final))
+        out.append(RunRecord(env, cfg.get("task", task_key.split("__")[0]), cfg.get("quality", ""), algo,
+                             int(cfg.get("seed", seed_key.split("_")[-1])), steps, curve, final, best, win, metrics))
+    return out
+
+
+def iqm(x: np.ndarray) -> float:
+    """Interquartile mean (rliable's definition: 25 % trimmed mean)."""
+    from scipy.stats import trim_mean
+
+    return float(trim_mean(np.asarray(x, dtype=np.float64).reshape(-1), proportiontocut=0.25))
+
+
+def bootstrap_ci(scores: np.ndarray, statistic: str = "iqm", reps: int = 2000, ci: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Point estimate and percentile bootstrap CI of ``statistic`` ("iqm" or "mean") over
+    runs, using rliable (stratified over tasks when ``scores`` is ``[runs, tasks]``)."""
+    from rliable import library as rly, metrics as rmetrics
+
+    x = np.asarray(scores, dtype=np.float64)
+    x = x.reshape(len(x), -1)
+    fn = rmetrics.aggregate_iqm if statistic == "iqm" else rmetrics.aggregate_mean
+    with warnings.catch_warnings():  # arch deprecates the RandomState argument rliable passes on
+        warnings.simplefilter("ignore", FutureWarning)
+        point, interval = rly.get_interval_estimates({"x": x}, lambda s: np.array([fn(s)]), reps=reps,
+                                                     confidence_interval_size=ci,
+                                                     random_state=np.random.RandomState(seed))
+    return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) (ties count half), averaged over tasks: ``x [runs_x, tasks]``, ``y [runs_y, tasks]``
+    (rliable's estimator)."""
+    from rliable import metrics as rmetrics
+
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    return float(rmetrics.probability_of_improvement(x, y))
+
+
+@dataclass
+class GroupStats:
+    env: str
+    task: str
+    quality: str
+    algo: str
+    n: int
+    final_mean: float
+    final_std: float
+    final_se: float
+    best_mean: float
+    best_std: float
+    iqm: float
+    iqm_lo: float
+    iqm_hi: float
+    win_mean: float | None
+
+
+def aggregate(records: list[RunRecord], reps: int = 2000) -> list[GroupStats]:
+    """Statistics over seeds for every (env, task, quality, algo)."""
+    groups: dict[tuple[str, str, str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.env, r.task, r.quality, r.algo), []).append(r)
+    out = []
+    for key in sorted(groups):
+        rs = groups[key]
+        final = np.array([r.final for r in rs])
+        best = np.array([r.best for r in rs])
+        n = len(rs)
+        point, lo, hi = bootstrap_ci(final, "iqm", reps=reps) if n > 1 else (float(final[0]),) * 3
+        wins = [r.win_final for r in rs if r.win_final is not None]
+        out.append(GroupStats(*key, n=n, final_mean=float(final.mean()),
+                              final_std=float(final.std(ddof=1)) if n > 1 else 0.0,
+                              final_se=float(final.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+                              best_mean=float(best.mean()), best_std=float(best.std(ddof=1)) if n > 1 else 0.0,
+                              iqm=point, iqm_lo=lo, iqm_hi=hi, win_mean=float(np.mean(wins)) if wins else None))
+    return out
+
+
+def _fmt(x: float, digits: int) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: int = 3) -> str:
+    """Markdown: a summary table (final mean ± standard error, one column per algorithm),
+    a detailed table, and probability-of-improvement tables per env."""
+    lines = []
+    algos = sorted({s.algo for s in stats})
+    rows = sorted({(s.env, s.task, s.quality) for s in stats})
+    by = {(s.env, s.task, s.quality, s.algo): s for s in stats}
+    lines += ["Final evaluation return, mean ± standard error over seeds (n = seeds).", "",
+              "| env | task | quality | " + " | ".join(algos) + " |",
+              "|---|---|---|" + "---|" * len(algos)]
+    for env, task, quality in rows:
+        cells = []
+        for a in algos:
+            s = by.get((env, task, quality, a))
+            cells.append("" if s is None else f"{_fmt(s.final_mean, digits)} ± {_fmt(s.final_se, digits)} (n={s.n})")
+        lines.append(f"| {env} | {task} | {quality} | " + " | ".join(cells) + " |")
+    lines += ["", "Details: final and best evaluation (mean ± std over seeds), standard error, "
+              "IQM over seeds with a 95% percentile-bootstrap CI (rliable), final win rate.", "",
+              "| env | task | quality | algo | n | final | SE | best | IQM [95% CI] | win rate |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in stats:
+        lines.append(f"| {s.env} | {s.task} | {s.quality} | {s.algo} | {s.n} | "
+                     f"{_fmt(s.final_mean, digits)} ± {_fmt(s.final_std, digits)} | {_fmt(s.final_se, digits)} | "
+                     f"{_fmt(s.best_mean, digits)} ± {_fmt(s.best_std, digits)} | "
+                     f"{_fmt(s.iqm, digits)} [{_fmt(s.iqm_lo, digits)}, {_fmt(s.iqm_hi, digits)}] | "
+                     f"{'' if s.win_mean is None else _fmt(s.win_mean, 2)} |")
+    for env in sorted({s.env for s in stats}):
+        recs = [r for r in records if r.env == env]
+        env_algos = sorted({r.algo for r in recs})
+        if len(env_algos) < 2:
+            continue
+        cells = sorted({(r.task, r.quality) for r in recs})
+        lines += ["", f"Probability of improvement on {env} (row beats column; per (task, quality), "
+                  "averaged over them; needs the same cells for both):", "",
+                  "| P(row > col) | " + " | ".join(env_algos) + " |", "|---|" + "---|" * len(env_algos)]
+        for a in env_algos:
+            row = []
+            for b in env_algos:
+                if a == b:
+                    row.append("")
+                    continue
+                common = [c for c in cells if any(r.algo == a and (r.task, r.quality) == c for r in recs)
+                          and any(r.algo == b and (r.task, r.quality) == c for r in recs)]
+                if not common:
+                    row.append("n/a")
+                    continue
+                p = np.mean([probability_of_improvement(
+                    np.array([r.final for r in recs if r.algo == a and (r.task, r.quality) == c]),
+                    np.array([r.final for r in recs if r.algo == b and (r.task, r.quality) == c]))
+                    for c in common])
+                row.append(f"{p:.2f}")
+            lines.append(f"| {a} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def merged_metrics(records: list[RunRecord]) -> dict[str, Any]:
+    """All runs' metrics.json merged into one marl-eval JSON."""
+    out: dict[str, Any] = {}
+    for r in records:
+        for env, tasks in r.metrics.items():
+            for task, algos in tasks.items():
+                for algo, seeds in algos.items():
+                    out.setdefault(env, {}).setdefault(task, {}).setdefault(algo, {}).update(seeds)
+    return out
+
+
+def plot(records: list[RunRecord], stats: list[GroupStats], out_dir: str | Path) -> list[Path]:
+    """Learning curves (mean over seeds, 95% bootstrap band) per (env, task, quality) and an
+    IQM bar chart per env family. Returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rng = np.random.default_rng(0)
+    for env, task, quality in sorted({(r.env, r.task, r.quality) for r in records}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for algo in sorted({r.algo for r in records}):
+            rs = [r for r in records if (r.env, r.task, r.quality, r.algo) == (env, task, quality, algo) and len(r.curve)]
+            if not rs:
+                continue
+            k = min(len(r.curve) for r in rs)  # the evaluations every seed has reached
+            steps = rs[0].steps[:k]
+            ys = np.stack([r.curve[:k] for r in rs])  # [seeds, k]
+            mean = ys.mean(0)
+            boot = ys[rng.integers(0, len(ys), size=(1000, len(ys)))].mean(1)  # [1000, k]
+            lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+            ax.plot(steps, mean, label=f"{algo} (n={len(rs)})")
+            ax.fill_between(steps, lo, hi, alpha=0.2)
+        ax.set(xlabel="training steps", ylabel="evaluation return", title=f"{env} {task} {quality}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / f"{env}__{task}__{quality}.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    for env in sorted({s.env for s in stats}):
+        ss = [s for s in stats if s.env == env]
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(ss), 4))
+        labels = [f"{s.algo}\n{s.task}/{s.quality}" for s in ss]
+        ax.bar(range(len(ss)), [s.iqm for s in ss],
+               yerr=np.array([[s.iqm - s.iqm_lo for s in ss], [s.iqm_hi - s.iqm for s in ss]]), capsize=3)
+        ax.set_xticks(range(len(ss)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set(ylabel="final return (IQM over seeds, 95% CI)", title=f"{env}: IQM")
+        fig.tight_layout()
+        p = out_dir / f"{env}__iqm.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int = 2000,
+                  header: str = "") -> tuple[str, list[GroupStats]]:
+    """Aggregate every run under ``root``: ``<root>/results.md``, ``<root>/metrics.json``
+    (merged marl-eval), plots in ``plots`` (default ``<root>/plots``); ``table`` also
+    receives the Markdown."""
+    root = Path(root)
+    records = load_runs(root)
+    if not records:
+        raise BenchmarkError(f"no finished evaluations under {root}")
+    stats = aggregate(records, reps=reps)
+    md = (header + "\n\n" if header else "") + markdown_tables(stats, records)
+    (root / "results.md").write_text(md)
+    (root / "metrics.json").write_text(json.dumps(merged_metrics(records), indent=1))
+    if table:
+        Path(table).parent.mkdir(parents=True, exist_ok=True)
+        Path(table).write_text(md)
+    plot(records, stats, plots or root / "plots")
+    return md, stats
+
+
+# ======================================================================= CLI
+@dataclass
+class RunArgs:
+    """Run a grid (skipping finished runs, resuming interrupted ones), then aggregate it."""
+
+    definition: str = ""
+    """A benchmark definition file (benchmarks/*.toml); flags below override it."""
+    algos: list[str] = field(default_factory=list)
+    """Algorithm files, e.g. comadice.py baselines/bc.py."""
+    env: str = ""
+    tasks: list[str] = field(default_factory=list)
+    qualities: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    extra: str = ""
+    """Extra flags for every run, one string, e.g. "--total-steps 5000 --eval-every 1000"."""
+    root: str = ""
+    """Where the runs go (default: benchmark_runs/<definition name or 'grid'>)."""
+    backend: Literal["local", "slurm", "ray"] = "local"
+    workers: int = 1
+    """local: how many runs at once."""
+    threads: int = 1
+    """CPU threads per run (OMP_NUM_THREADS / torch threads)."""
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    ray_address: str = ""
+    """ray: address of an existing cluster (empty: start a local one)."""
+    ray_gpus: float = 0.0
+    """ray: GPUs per run."""
+    table: str = ""
+    """Also write the Markdown tables here (default: the definition's `table`)."""
+    plots: str = ""
+    """Folder for the PNG plots (default: the definition's `plots`, else <root>/plots)."""
+    dry_run: bool = False
+    """Print the commands (with --resume where it applies) and stop."""
+
+
+@dataclass
+class AggregateArgs:
+    """Aggregate the runs under a folder into tables, a merged JSON and plots."""
+
+    root: str
+    table: str = ""
+    plots: str = ""
+    reps: int = 2000
+    """Bootstrap resamples."""
+
+
+def load_definition(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"no benchmark definition at {path}")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise BenchmarkError(f"{path} is not valid TOML: {e}") from None
+    d.setdefault("name", path.stem)
+    return d
+
+
+def specs_from_args(a: RunArgs) -> tuple[list[RunSpec], dict[str, Any]]:
+    d = load_definition(a.definition) if a.definition else {"name": "grid"}
+    algos_def = d.get("algos", {})
+    algos = a.algos or list(algos_def)
+    algo_args = {k: shlex.split(v) if isinstance(v, str) else list(v) for k, v in algos_def.items()}
+    extra = shlex.split(a.extra) if a.extra else shlex.split(d.get("extra", ""))
+    env = a.env or d.get("env", "")
+    if not env:
+        raise BenchmarkError("say which env (--env or the definition's env)")
+    missing = [x for x in algos if not (REPO / x).is_file() and not Path(x).is_file()]
+    if missing:
+        raise BenchmarkError(f"no algorithm file {missing[0]}")
+    specs = expand_grid(algos, env, a.tasks or d.get("tasks", []), a.qualities or d.get("qualities", []),
+                        a.seeds or d.get("seeds", [0, 1, 2, 3, 4]), extra, algo_args)
+    return specs, d
+
+
+def main_run(a: RunArgs) -> int:
+    specs, d = specs_from_args(a)
+    root = Path(a.root or REPO / "benchmark_runs" / d["name"])
+    if a.dry_run:
+        for s in specs:
+            st = run_status(s, root)
+            print(f"[{st}] " + ("(skip)" if st == "done" else shlex.join(s.command(root, st == "interrupted"))))
+        return 0
+    results = run_grid(specs, root, a.backend, a.workers, a.threads, a.slurm, a.ray_address, a.ray_gpus)
+    print(report(results))
+    table = a.table or d.get("table", "")
+    try:
+        md, _ = write_outputs(root, table, a.plots or d.get("plots", ""), header=d.get("header", ""))
+        print(md)
+        if table:
+            print(f"tables written to {table}")
+    except BenchmarkError as e:
+        print(f"nothing to aggregate yet: {e}")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import tyro
+
+    from common import friendly_errors
+
+    with friendly_errors():
+        cmd = tyro.extras.subcommand_cli_from_dict({"run": RunArgs, "aggregate": AggregateArgs}, args=argv)
+        if isinstance(cmd, RunArgs):
+            return main_run(cmd)
+        md, _ = write_outputs(cmd.root, cmd.table, cmd.plots, cmd.reps)
+        print(md)
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

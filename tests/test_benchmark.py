@@ -1,0 +1,229 @@
+"""common.benchmark: grid expansion, skip/resume, failure reports, aggregation math,
+backends (local pool, submitit's local executor, a local Ray instance)."""
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from common import benchmark as bm
+from common.runs import Run
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A stand-in algorithm file with the real contract: the shared Args names, common.runs.Run,
+# a checkpoint at every evaluation, --resume, done.json. Its evaluation return is
+# seed + step / 100 (+ 10 for quality "good"), so aggregates have known answers.
+FAKE_ALGO = textwrap.dedent('''
+    import os, sys, time
+    from dataclasses import dataclass
+    import tyro
+    from common.runs import Run
+
+    @dataclass
+    class Args:
+        env: str = "bridge"
+        task: str = "hard"
+        quality: str = "mix"
+        seed: int = 0
+        total_steps: int = 400
+        eval_every: int = 100
+        resume: bool = False
+        run_dir: str = ""
+        crash_after: int = -1   # exit(1) after this many evaluations unless resuming
+        fail: bool = False
+
+    def main(a):
+        if a.fail:
+            print("something went wrong on purpose")
+            raise SystemExit(3)
+        run = Run(a, "ALGO", resume=a.resume, tensorboard=False)
+        ck = run.load()
+        step = ck["step"] if ck else 0
+        evals = ck["evals"] if ck else 0
+        while step < a.total_steps:
+            step += a.eval_every
+            ret = a.seed + step / 100 + (10 if a.quality == "good" else 0)
+            res = dict(returns=[ret, ret], won=None, return_mean=ret, return_std=0.0, length_mean=1.0)
+            run.log_eval(step, res)
+            evals += 1
+            run.save({"step": step, "evals": evals})
+            if a.crash_after >= 0 and evals >= a.crash_after and not a.resume:
+                sys.exit(1)
+        run.log_final(step, res)
+        run.finish({"steps": step})
+
+    if __name__ == "__main__":
+        main(tyro.cli(Args))
+''')
+
+
+@pytest.fixture()
+def algos(tmp_path, monkeypatch):
+    paths = []
+    for name in ("fake_a", "fake_b"):
+        p = tmp_path / f"{name}.py"
+        p.write_text(FAKE_ALGO.replace("ALGO", name))
+        paths.append(str(p))
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return paths
+
+
+def test_expand_grid_order_and_flags():
+    specs = bm.expand_grid(["x.py", "baselines/y.py"], "bridge", ["hard"], ["mix", "optimal"], [0, 1],
+                           extra=["--total-steps", "5"], algo_args={"x.py": ["--alpha", "3"]})
+    assert len(specs) == 8
+    assert [s.name for s in specs[:4]] == ["bridge__hard__mix__x__0", "bridge__hard__mix__x__1",
+                                           "bridge__hard__optimal__x__0", "bridge__hard__optimal__x__1"]
+    assert specs[0].args == ("--total-steps", "5", "--alpha", "3") and specs[4].args == ("--total-steps", "5")
+    cmd = specs[5].command(Path("/r"), resume=True)
+    assert cmd[-1] == "--resume" and "--run-dir" in cmd and cmd[cmd.index("--run-dir") + 1] == "/r/bridge__hard__mix__y__1"
+    with pytest.raises(bm.BenchmarkError):
+        bm.expand_grid(["a/x.py", "b/x.py"], "bridge", ["hard"], ["mix"], [0])
+    with pytest.raises(bm.BenchmarkError):
+        bm.expand_grid([], "bridge", ["hard"], ["mix"], [0])
+
+
+def test_local_grid_skips_resumes_and_reports_failures(tmp_path, algos):
+    root = tmp_path / "runs"
+    specs = bm.expand_grid(algos, "bridge", ["hard"], ["mix"], [0, 1], extra=["--crash-after", "2"])
+    res = bm.run_grid(specs, root, workers=2, progress=False)
+    # every run "was killed" after 2 of its 4 evaluations: checkpoint present, no done.json
+    assert all(r.status == "failed" for r in res)
+    assert all(bm.run_status(s, root) == "interrupted" for s in specs)
+    res = bm.run_grid(specs, root, workers=2, progress=False)  # re-run: resumes each from its checkpoint
+    assert all(r.status == "ok" for r in res), bm.report(res)
+    for s in specs:
+        log = (s.run_dir(root) / "log.txt").read_text()
+        assert log.count("--resume") == 1
+        m = json.loads((s.run_dir(root) / "metrics.json").read_text())
+        entry = m["bridge"]["hard__mix"][s.algo][f"seed_{s.seed}"]
+        assert [entry[f"step_{k}"]["step_count"] for k in range(4)] == [100, 200, 300, 400] and "step_4" not in entry
+    res = bm.run_grid(specs, root, workers=2, progress=False)  # third time: nothing to do
+    assert all(r.status == "skipped" for r in res)
+    # a failing run is reported with its log tail and does not stop the others
+    bad = bm.expand_grid(algos[:1], "bridge", ["hard"], ["good"], [0], extra=["--fail"])
+    good = bm.expand_grid(algos[1:], "bridge", ["hard"], ["good"], [0])
+    res = bm.run_grid(bad + good, root, workers=1, progress=False)
+    st = {r.spec.algo: r for r in res}
+    assert st["fake_a"].status == "failed" and st["fake_a"].returncode == 3
+    assert "something went wrong on purpose" in st["fake_a"].log_tail
+    assert st["fake_b"].status == "ok"
+    assert "FAILED bridge__hard__good__fake_a__0" in bm.report(res)
+
+
+def test_flag_change_does_not_reuse_a_directory(tmp_path, algos):
+    root = tmp_path / "runs"
+    (s,) = bm.expand_grid(algos[:1], "bridge", ["hard"], ["mix"], [0], extra=["--total-steps", "100"])
+    assert bm.run_grid([s], root, progress=False)[0].status == "ok"
+    (s2,) = bm.expand_grid(algos[:1], "bridge", ["hard"], ["mix"], [0], extra=["--total-steps", "200"])
+    s2_dir = s2.run_dir(root)
+    (s2_dir / "done.json").unlink()
+    r = bm.run_grid([s2], root, progress=False)[0]
+    assert r.status == "failed" and "other flags" in r.log_tail
+
+
+def _write_run(root, algo, seed, finals, curve, quality="mix", win=None):
+    args = SimpleNamespace(env="bridge", task="hard", quality=quality, seed=seed, run_dir=str(root / f"{algo}_{seed}"))
+    run = Run(args, algo, tensorboard=False)
+    for k, v in enumerate(curve):
+        run.log_eval(100 * (k + 1), dict(returns=[v], won=None, return_mean=v, return_std=0.0, length_mean=1.0))
+    run.log_final(100 * len(curve), dict(returns=finals, won=win, return_mean=float(np.mean(finals)),
+                                         return_std=0.0, length_mean=1.0))
+
+
+def test_aggregation_known_answers(tmp_path):
+    finals = [1.0, 2.0, 3.0, 4.0, 100.0]
+    for seed, f in enumerate(finals):
+        _write_run(tmp_path, "a", seed, [f - 0.5, f + 0.5], curve=[f - 10, f + 7, f])
+        _write_run(tmp_path, "b", seed, [f - 200], curve=[f - 200], win=[True, False])
+    recs = bm.load_runs(tmp_path)
+    assert len(recs) == 10
+    stats = {s.algo: s for s in bm.aggregate(recs, reps=500)}
+    a = stats["a"]
+    assert a.n == 5 and a.final_mean == pytest.approx(22.0)
+    assert a.final_std == pytest.approx(np.std(finals, ddof=1)) and a.final_se == pytest.approx(np.std(finals, ddof=1) / 5**0.5)
+    assert a.best_mean == pytest.approx(np.mean(finals) + 7)
+    assert a.iqm == pytest.approx(3.0)  # 25% trimmed: mean of 2, 3, 4
+    assert a.iqm_lo <= 3.0 <= a.iqm_hi
+    assert stats["b"].win_mean == pytest.approx(0.5)
+    assert bm.probability_of_improvement(np.array(finals), np.array(finals) - 200) == 1.0
+    assert bm.probability_of_improvement(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
+    assert bm.probability_of_improvement(np.array([0.0, 2.0]), np.array([1.0, 1.0])) == 0.5
+    md = bm.markdown_tables(list(stats.values()), recs)
+    se = np.std(finals, ddof=1) / 5**0.5
+    assert f"| bridge | hard | mix | 22.000 ± {se:.3f} (n=5) | {22.0 - 200:.3f} ± {se:.3f} (n=5) |" in md
+    assert "| a | " in md and "1.00" in md  # P(a > b) = 1
+    merged = bm.merged_metrics(recs)
+    assert set(merged["bridge"]["hard__mix"]) == {"a", "b"} and len(merged["bridge"]["hard__mix"]["a"]) == 5
+
+
+def test_bootstrap_ci_covers_true_mean():
+    """95% percentile-bootstrap CIs of the mean of N(5, 1) samples cover 5 most of the time."""
+    rng = np.random.default_rng(0)
+    hits = 0
+    trials = 60
+    for t in range(trials):
+        _, lo, hi = bm.bootstrap_ci(rng.normal(5.0, 1.0, size=30), "mean", reps=400, seed=t)
+        hits += lo <= 5.0 <= hi
+    assert hits / trials >= 0.85
+
+
+def test_outputs_tables_json_and_plots(tmp_path):
+    for seed in range(3):
+        _write_run(tmp_path / "r", "a", seed, [1.0 + seed], curve=[0.0, 1.0 + seed])
+        _write_run(tmp_path / "r", "b", seed, [2.0 + seed], curve=[0.5, 2.0 + seed], quality="optimal")
+    md, stats = bm.write_outputs(tmp_path / "r", table=str(tmp_path / "t.md"), reps=200)
+    assert (tmp_path / "t.md").read_text() == md
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["bridge"].keys() == {"hard__mix", "hard__optimal"}
+    pngs = sorted(p.name for p in (tmp_path / "r" / "plots").glob("*.png"))
+    assert pngs == ["bridge__hard__mix.png", "bridge__hard__optimal.png", "bridge__iqm.png"]
+
+
+def test_definition_file_and_cli_dry_run(tmp_path, algos, capsys):
+    d = tmp_path / "def.toml"
+    d.write_text(textwrap.dedent(f'''
+        name = "tiny"
+        env = "bridge"
+        tasks = ["hard"]
+        qualities = ["mix"]
+        seeds = [0, 1]
+        extra = "--total-steps 200"
+        [algos]
+        "{algos[0]}" = "--eval-every 50"
+        "{algos[1]}" = []
+    '''))
+    root = tmp_path / "out"
+    assert bm.main(["run", "--definition", str(d), "--root", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[new]") == 4 and "--eval-every 50" in out
+    assert bm.main(["run", "--definition", str(d), "--root", str(root), "--workers", "2",
+                    "--table", str(tmp_path / "table.md")]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "fake_a" in table and "fake_b" in table and "(n=2)" in table
+    with pytest.raises(SystemExit):
+        bm.main(["run", "--definition", str(tmp_path / "nope.toml")])
+
+
+def test_slurm_backend_with_submitit_local_executor(tmp_path, algos):
+    pytest.importorskip("submitit")
+    root = tmp_path / "runs"
+    specs = bm.expand_grid(algos, "bridge", ["hard"], ["mix"], [0], extra=["--total-steps", "100"])
+    opt = bm.SlurmOptions(cluster="local", time_min=5, array=True)
+    res = bm.run_grid(specs, root, backend="slurm", slurm=opt)
+    assert [r.status for r in res] == ["ok", "ok"], bm.report(res)
+    res = bm.run_grid(specs, root, backend="slurm", slurm=bm.SlurmOptions(cluster="debug", array=False))
+    assert [r.status for r in res] == ["skipped", "skipped"]
+
+
+def test_ray_backend_on_a_local_instance(tmp_path, algos):
+    pytest.importorskip("ray")
+    root = tmp_path / "runs"
+    specs = bm.expand_grid(algos, "bridge", ["hard"], ["mix"], [0], extra=["--total-steps", "100"])
+    res = bm.run_grid(specs, root, backend="ray", threads=1)
+    assert [r.status for r in res] == ["ok", "ok"], bm.report(res)
