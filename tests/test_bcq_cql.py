@@ -144,6 +144,24 @@ def test_cql_penalty_is_the_exact_joint_penalty_of_the_mixed_q():
     assert fast.item() == pytest.approx(brute.item(), rel=1e-5)
 
 
+def test_cql_penalty_shapes_the_utilities_not_the_mixer():
+    """Eq. C2's gradient: w_i (softmax(w_i Q_i) - onehot(a_i^D)) into Q_i, none into the weights
+    (unless the through-mixer ablation asks for it), none into the level of any Q_i."""
+    torch.manual_seed(0)
+    q_all = torch.randn(5, 2, 3, requires_grad=True)
+    w = (torch.rand(5, 2) + 0.5).requires_grad_(True)
+    a = torch.randint(0, 3, (5, 2))
+    avail = torch.ones(5, 2, 3, dtype=torch.bool)
+    cql.cql_penalty_discrete(q_all, a, avail, w).sum().backward()
+    assert w.grad is None
+    expected = w.detach()[..., None] * (torch.softmax(w.detach()[..., None] * q_all.detach(), -1)
+                                        - torch.nn.functional.one_hot(a, 3))
+    np.testing.assert_allclose(q_all.grad, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(q_all.grad.sum(-1), torch.zeros(5, 2), atol=1e-6)
+    cql.cql_penalty_discrete(q_all, a, avail, w, through_mixer=True).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
 def test_continuous_penalty_importance_sampling():
     d, M = 1, 20000
     u = torch.rand(1, 1, M, d) * 2 - 1
