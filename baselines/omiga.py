@@ -18,6 +18,7 @@ continuous actions; agents share weights and see a one-hot id, all in one forwar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -235,16 +236,8 @@ def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
         mixer=LinearMixer(mix_in, n, args.mixer_hidden), policy=Policy(obs_in, k, ad, args.hidden, disc),
     ))
     for name in ("q", "v", "mixer"):
-        nets[name + "_target"] = _copy(nets[name])
+        nets[name + "_target"] = copy.deepcopy(nets[name]).requires_grad_(False)
     return nets
-
-
-def _copy(m: nn.Module) -> nn.Module:
-    import copy
-
-    c = copy.deepcopy(m)
-    c.requires_grad_(False)
-    return c
 
 
 def mixer_input(args: Args, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
