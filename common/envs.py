@@ -65,6 +65,16 @@ class MultiAgentEnv:
                 f"obs_dim={self.obs_dim}, state_dim={self.state_dim}, {kind}, episode_limit={self.episode_limit})")
 
 
+def _check_options(env: str, cls: type, options: dict[str, Any]) -> None:
+    """An unknown keyword is a user's typo: say which options exist."""
+    import inspect
+
+    known = [p for p in inspect.signature(cls).parameters if p != "task"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise EnvError(f"unknown {env} option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+
+
 # =============================================================== matrix games
 PAYOFFS = {
     # rows: agent 0's action, columns: agent 1's (0 = A, 1 = B); ../shared/specs/bridge-and-xor.md §1
@@ -105,38 +115,558 @@ class MatrixGame(MultiAgentEnv):
 
 
 # ===================================================================== bridge
+# Bridge (Fu et al. 2022; AlberDICE's "Bridge (Hard)"), exactly per
+# ../shared/specs/bridge-and-xor.md §2. A 3 x 6 grid, cells (row, col), row 0 on top:
+#
+#        c0  c1  c2  c3  c4  c5
+#   r0   G1  .   #   #   .   .
+#   r1   .   .   S0  S1  .   .        hard: S0 = (1,2), S1 = (1,3) (both on the bridge)
+#   r2   .   .   #   #   .   G0       easy: S0 = (1,1), S1 = (1,4)
+BRIDGE_SHAPE = (3, 6)
+BRIDGE_WALLS = ((0, 2), (0, 3), (2, 2), (2, 3))
+BRIDGE_GOALS = np.array([[2, 5], [0, 0]], dtype=np.int64)  # agent 0, agent 1
+BRIDGE_STARTS = {"hard": np.array([[1, 2], [1, 3]], dtype=np.int64), "easy": np.array([[1, 1], [1, 4]], dtype=np.int64)}
+BRIDGE_MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, 1], [0, -1]], dtype=np.int64)  # stay, up, down, right, left
+_BRIDGE_OPEN = np.ones(BRIDGE_SHAPE, dtype=bool)
+_BRIDGE_OPEN[tuple(np.array(BRIDGE_WALLS).T)] = False
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a == b).all(-1)
+
+
+def bridge_move(pos: np.ndarray, done: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """The Bridge movement rules (spec §2, steps 1-4), vectorised over any batch shape.
+
+    ``pos [..., 2, 2]`` (agent, (row, col)) integers, ``done [..., 2]`` bool (the done
+    flags from earlier steps), ``actions [..., 2]`` in 0..4. Returns the new positions."""
+    pos = np.asarray(pos, dtype=np.int64)
+    done = np.asarray(done, dtype=bool)
+    # 1. intended cells: off-grid, wall, or a done agent -> stay
+    n = pos + BRIDGE_MOVES[actions]
+    inside = (n >= 0).all(-1) & (n[..., 0] < BRIDGE_SHAPE[0]) & (n[..., 1] < BRIDGE_SHAPE[1])
+    free = inside & _BRIDGE_OPEN[np.clip(n[..., 0], 0, BRIDGE_SHAPE[0] - 1), np.clip(n[..., 1], 0, BRIDGE_SHAPE[1] - 1)]
+    n = np.where((free & ~done)[..., None], n, pos)
+    s0, s1, n0, n1 = pos[..., 0, :], pos[..., 1, :], n[..., 0, :], n[..., 1, :]
+    d0, d1 = done[..., 0], done[..., 1]
+    # 2. agent 0 first; the first matching rule decides (np.select takes the first true condition)
+    rules0 = [d0,                                   # a. done: stays
+              _same(n0, BRIDGE_GOALS[0]),           # b. entering its goal: moves, even onto agent 1
+              _same(n0, s0),                        # c. not moving
+              d1,                                   # d. agent 1 is done, hence invisible: moves
+              _same(n0, s1) & _same(n1, s1),        # e. into a standing agent 1: stays
+              _same(n0, n1),                        # f. same target cell: agent 0 moves, agent 1 is fixed
+              _same(n0, s1) & _same(n1, s0)]        # g. head-on swap: both fixed
+    move0 = np.select(rules0, [False, True, False, True, False, True, False], default=True)  # h. moves
+    fixed1 = np.select(rules0, [False, False, False, False, False, True, True], default=False)
+    new0 = np.where(move0[..., None], n0, s0)
+    # 3. agent 1, unless 2f/2g fixed it
+    rules1 = [fixed1,
+              d1,                                   # a. done: stays
+              _same(n1, BRIDGE_GOALS[1]),           # b. entering its goal: moves
+              _same(n1, s1),                        # c. not moving
+              d0,                                   # d. agent 0 is done: moves
+              _same(n1, new0)]                      # e. into agent 0's new cell: stays
+    move1 = np.select(rules1, [False, False, True, False, True, False], default=True)  # f. moves
+    new1 = np.where(move1[..., None], n1, s1)
+    return np.stack([new0, new1], axis=-2)  # 4. overlaps (rules 2b, 3b, done agents) are legal
+
+
+_BRIDGE_CELLS = BRIDGE_SHAPE[0] * BRIDGE_SHAPE[1]
+_bridge_tables_cache: list[tuple[np.ndarray, np.ndarray]] = []
+
+
+def _bridge_tables() -> tuple[np.ndarray, np.ndarray]:
+    """``bridge_move`` and the reward of step 5 tabulated once over every (cell, cell,
+    done, done, action, action) and (cell, cell), so that a step is a table lookup."""
+    if not _bridge_tables_cache:
+        c0, c1, d0, d1, a0, a1 = np.meshgrid(np.arange(_BRIDGE_CELLS), np.arange(_BRIDGE_CELLS), [0, 1], [0, 1],
+                                             np.arange(5), np.arange(5), indexing="ij")
+        cells = np.stack([c0, c1], -1)
+        pos = np.stack([cells // BRIDGE_SHAPE[1], cells % BRIDGE_SHAPE[1]], -1)
+        new = bridge_move(pos, np.stack([d0, d1], -1).astype(bool), np.stack([a0, a1], -1))
+        move = new[..., 0] * BRIDGE_SHAPE[1] + new[..., 1]  # [18, 18, 2, 2, 5, 5, 2] cells after the move
+        # 5. r = mean over agents of -0.1 * distance to the goal, in float32 as the original
+        pos = np.stack(np.meshgrid(np.arange(_BRIDGE_CELLS), np.arange(_BRIDGE_CELLS), indexing="ij"), -1)
+        pos = np.stack([pos // BRIDGE_SHAPE[1], pos % BRIDGE_SHAPE[1]], -1)
+        per_agent = (-0.1 * np.sqrt(((BRIDGE_GOALS - pos) ** 2).sum(-1))).astype(np.float32)
+        reward = (per_agent[..., 0] + per_agent[..., 1]) * np.float32(0.5)  # [18, 18]
+        _bridge_tables_cache.append((move, reward))
+    return _bridge_tables_cache[0]
+
+
+def bridge_step(pos: np.ndarray, done: np.ndarray, t: np.ndarray | int, actions: np.ndarray, episode_limit: int):
+    """One full Bridge step (spec §2, steps 1-6), vectorised over any batch shape.
+
+    ``pos [..., 2, 2]``, ``done [..., 2]`` and ``actions [..., 2]`` as in
+    ``bridge_move``; ``t`` is the number of steps taken before this one. Returns
+    ``(pos', done', reward, terminated, truncated)``: the episode ends when both
+    agents are done; ``terminated`` when both stand on their goals (a true end),
+    ``truncated`` when the limit ``episode_limit`` cut it. The reward is float32
+    and 0 on the step that ends the episode."""
+    move, reward_of = _bridge_tables()
+    pos, done, actions = np.asarray(pos), np.asarray(done, dtype=bool), np.asarray(actions)
+    cell = pos[..., 0] * BRIDGE_SHAPE[1] + pos[..., 1]
+    new_cell = move[cell[..., 0], cell[..., 1], done[..., 0].astype(np.int64), done[..., 1].astype(np.int64),
+                    actions[..., 0], actions[..., 1]]
+    new = np.stack([new_cell // BRIDGE_SHAPE[1], new_cell % BRIDGE_SHAPE[1]], -1)
+    at_goal = _same(new, BRIDGE_GOALS)  # [..., 2]
+    # 6. d_i <- (s_i' = g_i) or (k = L); the episode ends when both are done
+    new_done = at_goal | (np.asarray(t) + 1 >= episode_limit)[..., None]
+    end = new_done.all(-1)
+    terminated = at_goal.all(-1)
+    reward = np.where(end, np.float32(0.0), reward_of[new_cell[..., 0], new_cell[..., 1]])
+    return new, new_done, reward, terminated, end & ~terminated
+
+
+def bridge_observation(pos: np.ndarray) -> np.ndarray:
+    """The observation (= state) ``[r0, c0, 2, 5, r1, c1, 0, 0]`` float32 of positions ``[..., 2, 2]``."""
+    pos = np.asarray(pos)
+    out = np.empty(pos.shape[:-2] + (2, 4), dtype=np.float32)
+    out[..., :2] = pos
+    out[..., 2:] = BRIDGE_GOALS
+    return out.reshape(pos.shape[:-2] + (8,))
+
+
+class Bridge(MultiAgentEnv):
+    """Two agents cross a one-lane bridge in opposite directions (spec §2).
+
+    ``task="hard"`` starts both agents on the bridge, facing each other (the
+    AlberDICE paper's Bridge); ``"easy"`` starts them at (1,1) and (1,4). Both
+    agents see the full state ``[r0, c0, 2, 5, r1, c1, 0, 0]``. Actions 0..4 =
+    stay, up, down, right, left, always available. The episode ends for real
+    (``terminated``) when both agents stand on their goals, or is cut
+    (``truncated``) after ``episode_limit`` steps: 20 in the shipped AlberDICE
+    config, 50 in its datasets. The step that ends the episode pays 0.
+
+    A step is ``bridge_step`` for one environment, written with the same tables on
+    Python scalars (a test checks that both agree step for step)."""
+
+    n_agents, obs_dim, state_dim, discrete, n_actions = 2, 8, 8, True, 5
+
+    def __init__(self, task: str = "hard", episode_limit: int = 20):
+        if isinstance(episode_limit, bool) or not isinstance(episode_limit, (int, np.integer)) or episode_limit < 1:
+            raise EnvError(f"bridge episode_limit must be a positive integer, got {episode_limit!r}")
+        self.task = task
+        self.episode_limit = int(episode_limit)
+        self._move, self._reward = _bridge_tables()
+        cols = BRIDGE_SHAPE[1]
+        self._start = [int(r * cols + c) for r, c in BRIDGE_STARTS[task]]
+        self._goal = [int(r * cols + c) for r, c in BRIDGE_GOALS]
+        self._cells, self._done, self._t, self._over = list(self._start), [False, False], 0, True
+
+    def _observe(self):
+        cols = BRIDGE_SHAPE[1]
+        (c0, c1), (g0, g1) = self._cells, BRIDGE_GOALS
+        s = [c0 // cols, c0 % cols, g0[0], g0[1], c1 // cols, c1 % cols, g1[0], g1[1]]
+        return np.array([s, s], dtype=np.float32), np.array(s, dtype=np.float32), np.ones((2, 5), dtype=bool)
+
+    def reset(self, seed: int | None = None):
+        self._cells, self._done, self._t, self._over = list(self._start), [False, False], 0, False
+        return self._observe()
+
+    def step(self, actions):
+        if self._over:
+            raise RuntimeError("Bridge.step called on a finished episode; call reset() first")
+        a = np.asarray(actions)
+        a0, a1 = a.reshape(2).tolist() if a.size == 2 and a.dtype.kind in "iu" else (-1, -1)
+        if not (0 <= a0 <= 4 and 0 <= a1 <= 4):
+            raise EnvError(f"bridge takes one action in 0..4 per agent ([2] integers), got {a!r}")
+        c0, c1 = self._move[self._cells[0], self._cells[1], int(self._done[0]), int(self._done[1]), a0, a1].tolist()
+        self._t += 1
+        at_goal = [c0 == self._goal[0], c1 == self._goal[1]]
+        limit = self._t >= self.episode_limit
+        self._cells, self._done = [c0, c1], [at_goal[0] or limit, at_goal[1] or limit]
+        terminated = at_goal[0] and at_goal[1]
+        self._over = self._done[0] and self._done[1]
+        r = 0.0 if self._over else float(self._reward[c0, c1])
+        return (*self._observe(), r, terminated, self._over and not terminated, {})
+
+
 def _make_bridge(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("bridge is not implemented yet")  # replaced by the Bridge section
+    _check_options("bridge", Bridge, options)
+    return Bridge(task, **options)
 
 
 # =================================================================== mamujoco
 MAMUJOCO_TASKS = ("Hopper-3x1", "Ant-2x4", "HalfCheetah-6x1", "HalfCheetah-2x3")
+MAMUJOCO_OBS_MODES = ("omiga", "local")
+_MAMUJOCO_HELP = "MaMuJoCo needs mujoco, gymnasium and gymnasium-robotics: pip install 'offline-marl[mujoco]'"
+
+
+def omiga_obs(single_obs: np.ndarray, n_agents: int) -> np.ndarray:
+    """The observations of the OMIGA MaMuJoCo datasets, from one single-agent observation.
+
+    Agent ``i`` sees ``[single_obs, onehot(i)]`` standardised within that vector
+    (minus its mean, divided by its population std). ``single_obs [..., D]`` gives
+    ``[..., n_agents, D + n_agents]`` float32."""
+    x = np.asarray(single_obs, dtype=np.float64)
+    eye = np.broadcast_to(np.eye(n_agents), x.shape[:-1] + (n_agents, n_agents))
+    v = np.concatenate([np.broadcast_to(x[..., None, :], x.shape[:-1] + (n_agents, x.shape[-1])), eye], axis=-1)
+    v = (v - v.mean(-1, keepdims=True)) / v.std(-1, keepdims=True)
+    return v.astype(np.float32)
+
+
+def _build_quietly(make: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``make(*args, **kwargs)`` without the noise of building the v4 assets: MuJoCo's
+    deprecation of ``settotalmass`` in half_cheetah.xml (which MuJoCo would also append
+    to a MUJOCO_LOG.TXT in the working directory) and gymnasium's "v4 is out of date"
+    (v4 is chosen on purpose). Other MuJoCo warnings become Python warnings."""
+    import warnings
+
+    import mujoco
+
+    def on_warning(msg: str) -> None:
+        if "settotalmass" not in msg:
+            warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=2)
+
+    previous = mujoco.get_mju_user_warning()
+    mujoco.set_mju_user_warning(on_warning)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is out of date.*")
+            return make(*args, **kwargs)
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
+class MaMuJoCo(MultiAgentEnv):
+    """Multi-Agent MuJoCo: one robot, its joints split among agents (docs/environments.md).
+
+    ``task`` is ``<Robot>-<agents>x<joints per agent>``. Actions ``[N, act_dim]`` are
+    clipped to [-1, 1] (the robots' control range); ``avail`` is ``[N, 1]``, all true.
+    The team reward is the single-agent environment's reward; a fall (Hopper, Ant
+    unhealthy) is ``terminated``, reaching ``episode_limit`` is ``truncated``.
+
+    ``obs_mode="omiga"`` (the default; every published MaMuJoCo offline dataset of
+    OMIGA, ComaDICE and OMCDA): gymnasium's v4 single-agent env (Ant with its 84
+    contact-force entries, 111-dim obs); each agent observes ``omiga_obs`` of the full
+    observation, the state is all agents' observations concatenated, and agent ``i``
+    drives the contiguous chunk ``i*act_dim:(i+1)*act_dim`` of the joint action.
+    ``ant_contact_forces=False`` reproduces Ant-v2 under mujoco-py 2.x: those 84
+    entries are zero and the reward has no contact cost.
+
+    ``obs_mode="local"`` (OG-MARL): gymnasium-robotics ``mamujoco_v1`` (v5 envs),
+    each agent's ``agent_obsk``-hop local observation (plus the robot root's
+    ``global_categories``, the library's default when None), zero-padded at the end to
+    the largest agent's size; the state is ``env.state()`` (the single-agent
+    observation); actions go to the joints of the library's partition."""
+
+    discrete, n_actions = False, 1
+
+    def __init__(self, task: str, obs_mode: str = "omiga", episode_limit: int = 1000, agent_obsk: int = 1,
+                 global_categories: list[str] | None = None, ant_contact_forces: bool = True):
+        if obs_mode not in MAMUJOCO_OBS_MODES:
+            raise EnvError(f"unknown MaMuJoCo obs_mode {obs_mode!r}; choose one of {', '.join(MAMUJOCO_OBS_MODES)}")
+        if obs_mode == "omiga" and (agent_obsk != 1 or global_categories is not None):
+            raise EnvError("agent_obsk and global_categories choose local observations: use them with obs_mode='local'")
+        if obs_mode == "local" and not ant_contact_forces:
+            raise EnvError("ant_contact_forces=False is the OMIGA datasets' Ant: use it with obs_mode='omiga'")
+        robot, conf = task.split("-")
+        self.n_agents, self.act_dim = (int(x) for x in conf.split("x"))
+        self.obs_mode, self.episode_limit = obs_mode, int(episode_limit)
+        try:
+            import gymnasium
+            import mujoco  # noqa: F401
+        except ImportError as e:
+            raise EnvError(f"{_MAMUJOCO_HELP} ({e})") from None
+        if obs_mode == "omiga":
+            kwargs = {"use_contact_forces": bool(ant_contact_forces)} if robot == "Ant" else {}
+            # the bare env: the time limit is counted here, so a fall and a cut stay distinct
+            self._env = _build_quietly(gymnasium.make, f"{robot}-v4", disable_env_checker=True, **kwargs).unwrapped
+            self._pad = 84 if robot == "Ant" and not ant_contact_forces else 0  # 14 bodies x 6 forces
+            self.obs_dim = self._env.observation_space.shape[0] + self._pad + self.n_agents
+            self.state_dim = self.n_agents * self.obs_dim
+        else:
+            import contextlib
+            import io
+
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # an import-time notice about Adroit envs
+                    from gymnasium_robotics import mamujoco_v1
+            except ImportError as e:
+                raise EnvError(f"{_MAMUJOCO_HELP} ({e})") from None
+            base = _build_quietly(gymnasium.make, f"{robot}-v5", disable_env_checker=True).unwrapped
+            self._env = mamujoco_v1.parallel_env(robot, conf, agent_obsk=agent_obsk, gym_env=base,
+                                                 global_categories=None if global_categories is None
+                                                 else tuple(global_categories))
+            self._agents = list(self._env.possible_agents)
+            self._act_sizes = [self._env.action_space(a).shape[0] for a in self._agents]
+            self.obs_dim = max(self._env.observation_space(a).shape[0] for a in self._agents)
+            self.state_dim = base.observation_space.shape[0]
+        self._t = 0
+
+    def _observe(self, raw):
+        """``raw``: the single-agent observation (omiga) or the library's per-agent dict (local)."""
+        avail = np.ones((self.n_agents, 1), dtype=bool)
+        if self.obs_mode == "omiga":
+            if self._pad:
+                raw = np.concatenate([raw, np.zeros(self._pad)])
+            obs = omiga_obs(raw, self.n_agents)
+            return obs, obs.reshape(-1), avail
+        obs = np.zeros((self.n_agents, self.obs_dim), np.float32)
+        for i, a in enumerate(self._agents):
+            obs[i, :raw[a].shape[0]] = raw[a]
+        return obs, self._env.state().astype(np.float32), avail
+
+    def reset(self, seed: int | None = None):
+        self._t = 0
+        raw, _ = self._env.reset(seed=seed)
+        return self._observe(raw)
+
+    def step(self, actions):
+        a = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.n_agents, self.act_dim), -1.0, 1.0)
+        self._t += 1
+        if self.obs_mode == "omiga":
+            raw, reward, terminated, _, _ = self._env.step(a.reshape(-1))  # agent i drives chunk i
+        else:
+            raw, rewards, terms, _, _ = self._env.step(
+                {name: a[i, :k] for i, (name, k) in enumerate(zip(self._agents, self._act_sizes))})
+            reward, terminated = rewards[self._agents[0]], terms[self._agents[0]]
+        terminated = bool(terminated)
+        return (*self._observe(raw), float(reward), terminated, not terminated and self._t >= self.episode_limit, {})
+
+    def close(self):
+        self._env.close()
 
 
 def _make_mamujoco(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("mamujoco is not implemented yet")  # replaced by the MaMuJoCo section
+    _check_options("mamujoco", MaMuJoCo, options)
+    return MaMuJoCo(task, **options)
 
 
 # ====================================================================== rware
+RWARE_STATES = ("concat", "alberdice")
+RWARE_REWARDS = ("sum", "alberdice")
+
+
+def alberdice_warehouse_reward(reward0: float, obs0: np.ndarray) -> float:
+    """AlberDICE's Warehouse team reward: agent 0's own reward plus the dense shaping
+    of its released env (marl_env/.../reward_calculator.py), read from agent 0's new
+    observation (rware's flat layout: 8 own features, then 3x3 cells of ``[agent,
+    direction x4, shelf, requested]``, the agent's own cell in the middle): +0.006 on a
+    requested shelf while carrying one, +0.003 on it without, +0.001 when any requested
+    shelf is in view."""
+    cells = np.asarray(obs0[8:8 + 63]).reshape(9, 7)
+    requested = (cells[:, 5] == 1) & (cells[:, 6] == 1)
+    bonus = (0.006 if obs0[2] == 1 else 0.003) if requested[4] else 0.0
+    return float(reward0) + bonus + (0.001 if requested.any() else 0.0)
+
+
+class Warehouse(MultiAgentEnv):
+    """The multi-robot warehouse (RWARE, package ``rware`` 2.x, gymnasium id
+    ``rware-<task>-v2``, e.g. ``tiny-2ag``, ``small-4ag``, ``medium-6ag-hard``).
+
+    Five actions (noop, forward, left, right, toggle load), all always available.
+    Each agent's obs is rware's flat 71-dim local view. The episode is cut
+    (``truncated``) after ``episode_limit`` steps (500, as AlberDICE's Warehouse
+    config); there is no other ending. ``state="concat"`` is all agents' observations
+    concatenated; ``state="alberdice"`` is AlberDICE's shared observation (each
+    agent's x, y, direction, then each requested shelf's x, y). ``reward="sum"`` is the
+    number of requested shelves delivered (the sum of rware's individual rewards);
+    ``reward="alberdice"`` is ``alberdice_warehouse_reward``."""
+
+    discrete = True
+
+    def __init__(self, task: str, episode_limit: int = 500, state: str = "concat", reward: str = "sum"):
+        if state not in RWARE_STATES:
+            raise EnvError(f"unknown rware state {state!r}; choose one of {', '.join(RWARE_STATES)}")
+        if reward not in RWARE_REWARDS:
+            raise EnvError(f"unknown rware reward {reward!r}; choose one of {', '.join(RWARE_REWARDS)}")
+        try:
+            import gymnasium
+            import rware  # noqa: F401  (registers the rware-* ids)
+        except ImportError as e:
+            raise EnvError(f"rware needs the rware package: pip install 'offline-marl[rware]' ({e})") from None
+        gym_id = f"rware-{task}-v2"
+        if gym_id not in gymnasium.registry:
+            raise EnvError(f"unknown rware task {task!r}; tasks are <size>-<n>ag[-easy|-hard] with size one of "
+                           "tiny, small, medium, large and 1 to 19 agents, e.g. tiny-2ag, small-4ag")
+        # the bare env with no step limit of its own: the cut is counted here and reported as truncated
+        self._env = gymnasium.make(gym_id, max_steps=None, disable_env_checker=True).unwrapped
+        self.n_agents = self._env.n_agents
+        self.n_actions = int(self._env.action_space[0].n)
+        self.obs_dim = int(self._env.observation_space[0].shape[0])
+        self.state_mode, self.reward_mode = state, reward
+        self.state_dim = (self.n_agents * self.obs_dim if state == "concat"
+                          else 3 * self.n_agents + 2 * self._env.request_queue_size)
+        self.episode_limit = int(episode_limit)
+        self._t = 0
+
+    def _observe(self, raw):
+        obs = np.stack(raw).astype(np.float32)
+        if self.state_mode == "concat":
+            state = obs.reshape(-1)
+        else:
+            env = self._env
+            state = np.array([v for a in env.agents for v in (a.x, a.y, a.dir.value)]
+                             + [v for s in env.request_queue for v in (s.x, s.y)], dtype=np.float32)
+        return obs, state, np.ones((self.n_agents, self.n_actions), dtype=bool)
+
+    def reset(self, seed: int | None = None):
+        self._t = 0
+        raw, _ = self._env.reset(seed=seed)
+        return self._observe(raw)
+
+    def step(self, actions):
+        raw, rewards, _, _, _ = self._env.step([int(a) for a in np.asarray(actions).reshape(self.n_agents)])
+        self._t += 1
+        out = self._observe(raw)
+        r = sum(rewards) if self.reward_mode == "sum" else alberdice_warehouse_reward(rewards[0], out[0][0])
+        return (*out, float(r), False, self._t >= self.episode_limit, {})
+
+    def close(self):
+        self._env.close()
+
+
 def _make_rware(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("rware is not implemented yet")  # replaced by the RWARE section
+    _check_options("rware", Warehouse, options)
+    return Warehouse(task, **options)
 
 
 # ============================================================ smacv1 / smacv2
 SMACV2_TASKS = tuple(f"{race}_{size}" for race in ("protoss", "terran", "zerg")
                      for size in ("5_vs_5", "10_vs_10", "10_vs_11", "20_vs_20", "20_vs_23"))
 
+# The standard SMACv2 scenarios (smacv2/examples/configs/sc2_gen_<race>.yaml and the
+# README's table of n_units/n_enemies): race -> (map, unit types, their weights, unit
+# types a team may not consist of entirely).
+SMACV2_RACES = {
+    "protoss": ("10gen_protoss", ("stalker", "zealot", "colossus"), (0.45, 0.45, 0.1), ()),
+    "terran": ("10gen_terran", ("marine", "marauder", "medivac"), (0.45, 0.45, 0.1), ("medivac",)),
+    "zerg": ("10gen_zerg", ("zergling", "baneling", "hydralisk"), (0.45, 0.1, 0.45), ("baneling",)),
+}
+# The configs' env_args that differ from StarCraft2Env's defaults (the rest are defaults).
+SMACV2_ENV_ARGS = {"conic_fov": False, "obs_own_pos": True, "use_unit_ranges": True, "min_attack_range": 2,
+                   "num_fov_actions": 12}
+
+
+def smacv2_capability_config(task: str) -> dict[str, Any]:
+    """The capability config of a standard SMACv2 task, e.g. ``zerg_10_vs_11``: teams
+    drawn by unit-type weights (enemies mirror the allies, plus extra draws when they
+    outnumber them), start positions "surrounded" or "reflect" with probability 0.5 on
+    a 32x32 map."""
+    race, allies, _, enemies = task.split("_")
+    _, units, weights, exceptions = SMACV2_RACES[race]
+    team_gen = {"dist_type": "weighted_teams", "unit_types": list(units), "weights": list(weights), "observe": True}
+    if exceptions:
+        team_gen["exception_unit_types"] = list(exceptions)
+    return {"n_units": int(allies), "n_enemies": int(enemies), "team_gen": team_gen,
+            "start_positions": {"dist_type": "surrounded_and_reflect", "p": 0.5, "map_x": 32, "map_y": 32}}
+
+
+def _sc2_help(package: str) -> str:
+    maps = ("https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip" if package == "smac"
+            else "https://github.com/oxwhirl/smacv2/releases/tag/maps")
+    return (f"to run it: pip install git+https://github.com/oxwhirl/{package}.git, install StarCraft II "
+            f"(Linux: https://github.com/Blizzard/s2client-proto#downloads), unzip the SMAC maps ({maps}) into "
+            "$SC2PATH/Maps/SMAC_Maps, export SC2PATH=<the StarCraftII directory>, and export "
+            "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python before starting Python")
+
+
+def _import_sc2(env: str, package: str):
+    """``package.env``, or an ``EnvError`` saying how to install it."""
+    import importlib
+    import os
+
+    # pysc2's protobuf files clash with tensorboard's protobuf unless the pure-Python
+    # implementation is chosen before protobuf is first imported.
+    os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+    try:
+        return importlib.import_module(f"{package}.env")
+    except ImportError as e:
+        raise EnvError(f"{env} needs the {package} package, which is not installed ({e}); "
+                       f"{_sc2_help(package)}") from None
+    except Exception as e:  # typically protobuf's "Descriptors cannot be created directly"
+        raise EnvError(f"importing {package} failed ({type(e).__name__}: {e}); {_sc2_help(package)}") from None
+
+
+def _check_sc2(env: str, package: str, map_file: str) -> None:
+    """Fail with what to do unless StarCraft II and ``map_file`` are where pysc2 looks."""
+    import os
+
+    root = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))  # pysc2's default on Linux
+    if not os.path.isdir(os.path.join(root, "Versions")):
+        where = f"SC2PATH={root}" if "SC2PATH" in os.environ else f"SC2PATH is not set and {root}"
+        raise EnvError(f"{env} needs StarCraft II, but {where} has no game (no Versions directory); "
+                       f"{_sc2_help(package)}")
+    maps = os.path.join(root, "Maps", "SMAC_Maps")
+    if not os.path.isfile(os.path.join(maps, map_file)):
+        raise EnvError(f"{env} needs the map {map_file}, which is not in {maps}; {_sc2_help(package)}")
+
+
+class StarCraft(MultiAgentEnv):
+    """SMACv1 or SMACv2 behind the protocol: ``get_obs``/``get_state``/
+    ``get_avail_actions`` after ``reset`` and ``step``; ``info["won"]`` is the game's
+    ``battle_won``; a battle that reaches the map's time limit is ``truncated`` (the
+    packages flag it with ``info["episode_limit"]``, which they set only with
+    ``continuing_episode=True``; that flag changes nothing else, so it is always on).
+
+    StarCraft II cannot be reseeded per episode: ``reset(seed)`` ignores the seed; the
+    game's seed is the ``seed`` option given at construction."""
+
+    discrete = True
+
+    def __init__(self, game: Any):
+        self._game = game
+        info = game.get_env_info()
+        self.n_agents, self.n_actions = int(info["n_agents"]), int(info["n_actions"])
+        self.obs_dim, self.state_dim = int(info["obs_shape"]), int(info["state_shape"])
+        self.episode_limit = int(info["episode_limit"])
+
+    def _observe(self):
+        g = self._game
+        return (np.asarray(g.get_obs(), dtype=np.float32).reshape(self.n_agents, self.obs_dim),
+                np.asarray(g.get_state(), dtype=np.float32).reshape(self.state_dim),
+                np.asarray(g.get_avail_actions()).astype(bool).reshape(self.n_agents, self.n_actions))
+
+    def reset(self, seed: int | None = None):
+        self._game.reset()
+        return self._observe()
+
+    def step(self, actions):
+        reward, ended, info = self._game.step([int(a) for a in np.asarray(actions).reshape(self.n_agents)])
+        truncated = bool(ended and info.get("episode_limit", False))
+        return (*self._observe(), float(reward), bool(ended) and not truncated, truncated,
+                {**info, "won": bool(info.get("battle_won", False))})
+
+    def close(self):
+        self._game.close()
+
+
+def _construct(env: str, make: Callable[..., Any], **kwargs: Any) -> Any:
+    """The package's env (this does not start the game yet)."""
+    try:
+        return make(**kwargs, continuing_episode=True)
+    except KeyError as e:  # the packages' map registry
+        raise EnvError(f"unknown {env} map {e}; python -m {'smac' if env == 'smacv1' else 'smacv2'}.bin.map_list "
+                       "lists them") from None
+    except TypeError as e:  # an option the package does not know
+        raise EnvError(f"{env}: bad option ({e})") from None
+
 
 def _make_smacv1(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("smacv1 is not implemented yet")  # replaced by the SMAC section
+    """SMACv1 map ``task`` (e.g. 3m, 5m_vs_6m, corridor); ``options`` go to
+    ``smac.env.StarCraft2Env`` (its defaults are the SMAC benchmark's settings)."""
+    module = _import_sc2("smacv1", "smac")
+    game = _construct("smacv1", module.StarCraft2Env, map_name=task, **options)
+    _check_sc2("smacv1", "smac", f"{task}.SC2Map")
+    return StarCraft(game)
 
 
 def _make_smacv2(task: str, **options: Any) -> MultiAgentEnv:
-    raise EnvError("smacv2 is not implemented yet")  # replaced by the SMAC section
+    """SMACv2 task ``task`` with the standard capability config; ``options`` go to
+    ``smacv2.env.StarCraftCapabilityEnvWrapper`` over ``SMACV2_ENV_ARGS``."""
+    module = _import_sc2("smacv2", "smacv2")
+    game = _construct("smacv2", module.StarCraftCapabilityEnvWrapper, map_name=SMACV2_RACES[task.split("_")[0]][0],
+                      capability_config=smacv2_capability_config(task), **{**SMACV2_ENV_ARGS, **options})
+    _check_sc2("smacv2", "smacv2", "32x32_flat.SC2Map")
+    return StarCraft(game)
 
 
 # ================================================================== registry
 def _make_matrix(task: str, **options: Any) -> MultiAgentEnv:
+    _check_options("matrix", MatrixGame, options)
     return MatrixGame(task, **options)
 
 
