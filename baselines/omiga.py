@@ -255,16 +255,18 @@ def make_act_fn(policy: Policy, device: torch.device, sample: bool, seed: int):
     return act_fn
 
 
-def load_policy(checkpoint: str, device: str = "cpu"):
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None):
     """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run; its
-    ``meta`` attribute is the dataset meta (to rebuild the environment)."""
+    ``meta`` attribute is the dataset meta (to rebuild the environment). ``sample`` overrides
+    the run's ``eval_sample`` (sampled actions instead of the mode)."""
     ck = load_checkpoint(checkpoint, map_location=device)
     if ck.get("algo") != ALGO:
         raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not an {ALGO} one")
     args = Args(**ck["args"])
     nets = build_networks(args, ck["meta"]).to(device)
     nets.load_state_dict(ck["nets"])
-    act_fn = make_act_fn(nets["policy"].eval(), torch.device(device), args.eval_sample, args.seed)
+    sample = args.eval_sample if sample is None else sample
+    act_fn = make_act_fn(nets["policy"].eval(), torch.device(device), sample, args.seed)
     act_fn.meta = ck["meta"]
     return act_fn
 
@@ -286,7 +288,7 @@ def eval_only(args: Args) -> dict[str, Any]:
     if not args.checkpoint:
         raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
     device = resolve_device(args.device)
-    act_fn = load_policy(args.checkpoint, str(device))
+    act_fn = load_policy(args.checkpoint, str(device), sample=args.eval_sample)
     env = make_env_for(act_fn.meta)
     res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1), n_envs=args.eval_envs)
     print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"

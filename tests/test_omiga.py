@@ -104,7 +104,7 @@ def test_learns_the_optimum_of_a_separable_game(monkeypatch, tmp_path):
     data = matrix_dataset(tmp_path / "data", [(0, 0), (0, 1), (1, 0), (1, 1)], task="separable")
     torch.manual_seed(0)
     s = omiga.main(omiga.Args(env="matrix", task="separable", quality="test", dataset=str(data), device="cpu",
-                              total_steps=300, batch_size=64, hidden=64, lr=3e-3, alpha=1.0, gamma=0.5,
+                              total_steps=200, batch_size=64, hidden=64, lr=3e-3, alpha=1.0, gamma=0.5,
                               eval_every=300, eval_episodes=1, final_eval_episodes=1, eval_envs=1,
                               run_dir=str(tmp_path / "run")))
     assert s["return_mean"] / 50 == pytest.approx(1.5)  # behaviour policy: 0.75 a step
