@@ -401,19 +401,20 @@ def main(args: Args) -> dict[str, Any]:
             a2 = (actor_t(x2) + args.target_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
             y = b["reward"] + args.gamma * (1.0 - b["done"]) * mixer_t(q_t(x2, a2), b["next_state"]).min(0).values
             # agent i's alternatives: uniform, pi_i(o_i) + noise, pi_i(o'_i) + noise (scored at o_i)
+            mu, mu2 = actor(x).unsqueeze(2), actor(x2).unsqueeze(2)
             a_u = torch.rand(B, N, M, d, device=a.device) * 2 - 1
-            a_p = (actor(x).unsqueeze(2) + args.policy_noise * torch.randn(B, N, M, d, device=a.device)).clamp(-1, 1)
-            a_p2 = (actor(x2).unsqueeze(2) + args.policy_noise * torch.randn(B, N, M, d, device=a.device)).clamp(-1, 1)
+            a_p = (mu + args.policy_noise * torch.randn(B, N, M, d, device=a.device)).clamp(-1, 1)
+            a_p2 = (mu2 + args.policy_noise * torch.randn(B, N, M, d, device=a.device)).clamp(-1, 1)
             samples = torch.cat([a_u, a_p, a_p2], dim=2)  # [B, N, 3M, d]
-            gauss = -0.5 * ((a_p - actor(x).unsqueeze(2)) / args.policy_noise) ** 2
-            gauss2 = -0.5 * ((a_p2 - actor(x2).unsqueeze(2)) / args.policy_noise) ** 2
+            gauss = -0.5 * ((a_p - mu) / args.policy_noise) ** 2
+            gauss2 = -0.5 * ((a_p2 - mu2) / args.policy_noise) ** 2
             norm = -d * (math.log(args.policy_noise) + 0.5 * math.log(2 * math.pi))
             log_prop = torch.cat([torch.full((B, N, M), -d * math.log(2.0), device=a.device),
                                   gauss.sum(-1) + norm, gauss2.sum(-1) + norm], dim=2) + d * math.log(2.0)
             if temp == 0:
                 dev = torch.zeros(B, N, device=a.device)
             else:  # deviation of the current actor: -log beta_i(pi_i(o_i) | o_i)
-                dev = -nets["behaviour"].log_prob(x, actor(x))
+                dev = -nets["behaviour"].log_prob(x, mu.squeeze(2))
             lam = agent_weights(dev, temp)  # Eq. F3
         q_data = q(x, a)  # [2, B, N]
         q_tot = mixer(q_data, s)  # [2, B]
@@ -423,9 +424,10 @@ def main(args: Args) -> dict[str, Any]:
                                     q_tot[k], lam, log_proposal=log_prop).mean() for k in range(2))  # Eqs. F1, F2
         step_on("critic", td + alpha * penalty, args.grad_clip)
         # counterfactual policy update (reference default): agent i acts, the others keep the dataset actions
-        q_pi = q.q[0](torch.cat([x, actor(x)], -1)).squeeze(-1)  # [B, N]
+        a_pi = actor(x)
+        q_pi = q.q[0](torch.cat([x, a_pi], -1)).squeeze(-1)  # [B, N]
         q_cf = mixer.m[0](counterfactual_joint(q_pi.unsqueeze(-1), q_data[0].detach()).squeeze(2), s)  # [B, N]
-        actor_loss = -q_cf.mean() + args.action_reg * actor(x).pow(2).mean()
+        actor_loss = -q_cf.mean() + args.action_reg * a_pi.pow(2).mean()
         step_on("actor", actor_loss, 0.5)
         for t in ("q", "mixer", "actor"):
             polyak(nets[t + "_target"], nets[t], args.tau)
