@@ -502,8 +502,15 @@ def load(env: str, task: str, quality: str, dataset: str | None = None, **kwargs
 
 # ------------------------------------------------------------------------------- command line
 def list_datasets(env: str | None = None, task: str | None = None) -> None:
-    """Print the known public datasets (optionally of one env/task) and where they come from."""
-    rows = [(e.env, e.task, e.name, "download" if e.url else "by hand", e.url or e.how) for e in available(env, task)]
+    """Print the known datasets (optionally of one env/task) and where they come from: local
+    recipes first (generated on first use), then public downloads."""
+    rows = []
+    collect = _collect()
+    if collect is not None:
+        for (e, t, q), recipe in collect.RECIPES.items():
+            if env in (None, e) and task in (None, t):
+                rows.append((e, t, q, "generated", recipe.about))
+    rows += [(e.env, e.task, e.name, "download" if e.url else "by hand", e.url or e.how) for e in available(env, task)]
     if not rows:
         print(f"no public dataset known for {env or ''}{'/' + task if task else ''}")
         return
