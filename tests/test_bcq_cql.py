@@ -214,3 +214,11 @@ def test_smoke_mamujoco_and_exact_resume(algo, monkeypatch, tmp_path):
         data, env, task = fake_continuous_dataset(tmp_path / "data"), "mamujoco", "Toy-2x2"
     smoke_resume_eval(mod, tmp_path / "smoke", data, env, task, n_action_samples=3)
     resume_is_exact(mod, tmp_path / "resume", data, env, task, n_action_samples=3)
+
+
+@pytest.mark.parametrize("algo", ["bcq", "cql"])
+def test_smoke_rware(algo, tmp_path):
+    env_or_skip("rware", "tiny-2ag")
+    mod = {"bcq": bcq, "cql": cql}[algo]
+    data = rollout_dataset(tmp_path / "data", "rware", "tiny-2ag", episodes=2, episode_limit=20)
+    smoke_resume_eval(mod, tmp_path, data, "rware", "tiny-2ag")

@@ -142,3 +142,9 @@ def test_smoke_mamujoco_and_exact_resume(monkeypatch, tmp_path):
         data, env, task = fake_continuous_dataset(tmp_path / "data"), "mamujoco", "Toy-2x2"
     smoke_resume_eval(cfcql, tmp_path / "smoke", data, env, task, behaviour_steps=5, n_action_samples=3)
     resume_is_exact(cfcql, tmp_path / "resume", data, env, task, behaviour_steps=5, n_action_samples=3)
+
+
+def test_smoke_rware(tmp_path):
+    env_or_skip("rware", "tiny-2ag")
+    data = rollout_dataset(tmp_path / "data", "rware", "tiny-2ag", episodes=2, episode_limit=20)
+    smoke_resume_eval(cfcql, tmp_path, data, "rware", "tiny-2ag", behaviour_steps=5)

@@ -135,3 +135,9 @@ def test_smoke_mamujoco_and_exact_resume(monkeypatch, tmp_path):
         data, env, task = fake_continuous_dataset(tmp_path / "data"), "mamujoco", "Toy-2x2"
     smoke_resume_eval(omiga, tmp_path / "smoke", data, env, task, mixer_input="obs")
     resume_is_exact(omiga, tmp_path / "resume", data, env, task)
+
+
+def test_smoke_rware(tmp_path):
+    env_or_skip("rware", "tiny-2ag")
+    data = rollout_dataset(tmp_path / "data", "rware", "tiny-2ag", episodes=2, episode_limit=20)
+    smoke_resume_eval(omiga, tmp_path, data, "rware", "tiny-2ag")
