@@ -1,0 +1,476 @@
+"""CFCQL: counterfactual conservative Q-learning for offline multi-agent RL.
+
+Docs: docs/baselines.md#cfcql (objective, agent weighting, differences from the reference code).
+Paper: J. Shao, Y. Qu, C. Chen, H. Zhang, X. Ji, "Counterfactual Conservative Q Learning for
+Offline Multi-agent Reinforcement Learning", NeurIPS 2023 (arXiv 2309.12696).
+Reference code checked against: github.com/thu-rllab/CFCQL (`discrete/src/learners/cq_learner.py`,
+`continuous/algorithms/maddpg_cc.py`), read for facts only.
+
+A QMIX-style monotonic mixer over per-agent Q_i. The conservative term is computed per agent
+in a counterfactual way: agent i's action is swept over its actions (discrete) or sampled
+(continuous) while the other agents keep their dataset actions, the mixed Q_tot is pushed down
+by a logsumexp over that sweep and pushed up at the dataset joint action; the agents' terms are
+mixed with weights lambda_i = softmax_i(temperature x deviation_i), where deviation_i measures
+how far agent i's counterfactual (or current) policy is from a learned behaviour policy.
+Discrete: greedy Q_i (SMAC setting); continuous: TD3 actors and twin critics (MaMuJoCo setting).
+Agents share weights and see a one-hot id, all in one forward pass.
+
+    python baselines/cfcql.py --env smacv1 --task 5m_vs_6m --quality medium --dataset PATH
+    python baselines/cfcql.py --env bridge --task hard --quality mix --total-steps 50000
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common import OfflineMarlError, catalog, friendly_errors
+from common.envs import evaluate, make_env_for
+from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+
+ALGO = "cfcql"
+
+
+@dataclass
+class Args:
+    env: str = "smacv1"
+    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2)"""
+    task: str = "5m_vs_6m"
+    """task within the family"""
+    quality: str = "medium"
+    """dataset quality (e.g. expert, medium, mix; the names the catalog knows for the task)"""
+    dataset: str = ""
+    """path of a dataset to use instead of the catalog's (native directory or a public format)"""
+    seed: int = 0
+    """random seed (networks, sampling, evaluation episodes)"""
+    device: str = "auto"
+    """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    total_steps: int = 1_000_000
+    """gradient updates"""
+    batch_size: int = 128
+    """transitions per update"""
+    eval_every: int = 5000
+    """evaluate (and checkpoint) every this many updates"""
+    eval_episodes: int = 10
+    """episodes per periodic evaluation"""
+    final_eval_episodes: int = 100
+    """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    resume: bool = False
+    """continue the newest run of the same (env, task, quality, algo, seed) from its checkpoint"""
+    run_dir: str = ""
+    """write the run here instead of runs/<env>__<task>__<quality>__cfcql__<seed>__<time>"""
+    eval_only: bool = False
+    """only evaluate --checkpoint for --final-eval-episodes episodes"""
+    checkpoint: str = ""
+    """checkpoint file or run directory for --eval-only"""
+    # ---- CFCQL
+    cql_alpha: float | None = None
+    """weight of the counterfactual penalty (Eq. F2); default 50 discrete (reference SMAC config), 1 continuous"""
+    softmax_temp: float | None = None
+    """temperature of the agent weights lambda (Eq. F3); 0 = uniform 1/N; default 5 discrete, 1 continuous"""
+    gamma: float = 0.99
+    """discount"""
+    lr: float | None = None
+    """Adam learning rate; default 5e-4 discrete, 3e-4 continuous"""
+    hidden: int = 256
+    """width of the two hidden layers of Q_i, pi_i and the behaviour model"""
+    mixing_embed: int = 32
+    """QMIX mixer: width of the mixing layer"""
+    hypernet_embed: int = 64
+    """QMIX mixer: width of the hypernetworks' hidden layer"""
+    grad_clip: float = 10.0
+    """gradient-norm clip (critic and mixer; actors use 0.5 as the reference)"""
+    target_update_interval: int = 200
+    """discrete: copy Q and the mixer into their targets every this many updates (reference: 200)"""
+    tau: float = 0.005
+    """continuous: Polyak rate of the target critics, mixers and actor"""
+    behaviour_steps: int = 10_000
+    """updates of the behaviour model (behaviour cloning) before training; it is then frozen"""
+    n_action_samples: int = 10
+    """continuous: samples of agent i's action per proposal (uniform, pi(.|o), pi(.|o')) in Eq. F2"""
+    policy_noise: float = 0.2
+    """continuous: std of the Gaussian around the deterministic actor used as the policy proposal"""
+    target_noise: float = 0.05
+    """continuous: std of the noise added to the target actor's action (TD3 target smoothing)"""
+    action_reg: float = 1e-3
+    """continuous: weight of the squared-action penalty of the actor loss (reference)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation"""
+    log_every: int = 1000
+    """write training scalars every this many updates"""
+
+
+# ============================================================== pure functions
+def log_mean_exp(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
+    """log of the mean of exp(x) along ``dim``, over the entries where ``mask`` is true."""
+    if mask is None:
+        return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+    return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim) - torch.log(mask.sum(dim).clamp(min=1).to(x.dtype))
+
+
+def counterfactual_joint(own: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """The joint inputs of the counterfactual sweep: ``own [B, N, M]`` (agent i's value at its M
+    alternatives) and ``data [B, N]`` (every agent's value at the dataset action) give
+    ``[B, N, M, N]`` whose entry [b, i, m] is ``data[b]`` with position i replaced by ``own[b, i, m]``."""
+    n = data.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=data.device)[None, :, None, :]
+    return torch.where(eye, own.unsqueeze(-1), data[:, None, None, :])
+
+
+def counterfactual_q_tot(own: torch.Tensor, data: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Eq. F1: Q_tot(s, a_i = alternative m, a_-i = dataset), ``[B, N, M]``. ``mix`` maps
+    ``[B, R, N] -> [B, R]`` at the batch's states (the mixer)."""
+    b, n, m = own.shape
+    return mix(counterfactual_joint(own, data).reshape(b, n * m, n)).reshape(b, n, m)
+
+
+def cfcql_penalty(cf_q_tot: torch.Tensor, q_tot_data: torch.Tensor, lam: torch.Tensor,
+                  mask: torch.Tensor | None = None, log_proposal: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. F2, per sample ``[B]``: sum_i lambda_i log E_{a_i} exp Q_tot(s, a_i, a_-i^D) - Q_tot(s, a^D).
+
+    Discrete: the expectation is uniform over agent i's available actions (``mask [B, N, K]``).
+    Continuous: it is importance-sampled with the draws' ``log_proposal [B, N, M]`` relative to
+    the uniform density on [-1, 1]^d (pass log_proposal - log U). Log-mean-exp differs from the
+    paper's logsumexp (CQL(H)) by log|A_i|, a constant: the same gradients, and 0 when Q_tot
+    does not depend on the swept action. With an additive mixer and uniform lambda it is the
+    mean over agents of per-agent CQL penalties."""
+    x = cf_q_tot if log_proposal is None else cf_q_tot - log_proposal
+    return (lam * log_mean_exp(x, mask)).sum(-1) - q_tot_data
+
+
+def counterfactual_kl(cf_q_tot: torch.Tensor, behaviour_logp: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+    """Agent i's deviation in the discrete reference: KL(softmax_{a_i} Q_tot(s, a_i, a_-i^D) || beta_i(.|o_i)),
+    ``[B, N, K] -> [B, N]``, over the available actions."""
+    logmu = F.log_softmax(cf_q_tot.masked_fill(~avail, float("-inf")), -1)
+    terms = torch.where(avail, logmu.exp() * (logmu - behaviour_logp), torch.zeros_like(logmu))
+    return terms.sum(-1)
+
+
+def agent_weights(deviation: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. F3: lambda = softmax over agents of temperature x deviation (no gradient): uniform at 0,
+    all weight on the most deviating agent as temperature -> infinity."""
+    return torch.softmax(temperature * deviation.detach(), dim=-1)
+
+
+def with_agent_id(x: torch.Tensor) -> torch.Tensor:
+    """Append each agent's one-hot id: ``[..., N, d] -> [..., N, d + N]``."""
+    n = x.shape[-2]
+    eye = torch.eye(n, device=x.device, dtype=x.dtype).expand(*x.shape[:-1], n)
+    return torch.cat([x, eye], dim=-1)
+
+
+def greedy(q_all: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+    """Per-agent masked argmax (the joint argmax of a monotonic mixer)."""
+    return q_all.masked_fill(~avail, float("-inf")).argmax(-1)
+
+
+def gaussian_tanh_logp(mu: torch.Tensor, log_std: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """log-density of a in (-1, 1)^d under tanh(N(mu, std^2))."""
+    u = torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6))
+    logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+
+
+# =================================================================== networks
+def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out))
+
+
+class QMixer(nn.Module):
+    """QMIX: Q_tot = w2(s)^T elu(W1(s)^T q + b1(s)) + V(s) with |W1|, |w2| >= 0 (monotonic in each q_i).
+    ``q [B, ..., N]``, ``s [B, S]`` -> ``[B, ...]``."""
+
+    def __init__(self, state_dim: int, n_agents: int, embed: int, hyper: int):
+        super().__init__()
+        self.n, self.e = n_agents, embed
+        self.w1 = nn.Sequential(nn.Linear(state_dim, hyper), nn.ReLU(), nn.Linear(hyper, n_agents * embed))
+        self.b1 = nn.Linear(state_dim, embed)
+        self.w2 = nn.Sequential(nn.Linear(state_dim, hyper), nn.ReLU(), nn.Linear(hyper, embed))
+        self.v = nn.Sequential(nn.Linear(state_dim, embed), nn.ReLU(), nn.Linear(embed, 1))
+
+    def forward(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        b, ones = s.shape[0], (1,) * (q.dim() - 2)
+        w1 = self.w1(s).abs().view(b, *ones, self.n, self.e)
+        h = F.elu((q.unsqueeze(-2) @ w1).squeeze(-2) + self.b1(s).view(b, *ones, self.e))
+        return (h * self.w2(s).abs().view(b, *ones, self.e)).sum(-1) + self.v(s).view(b, *ones)
+
+
+class TwinQ(nn.Module):
+    """Two continuous critics Q_i^k(o_i, a_i), k = 1, 2: ``[..., N] -> [2, ..., N]``."""
+
+    def __init__(self, inp: int, hidden: int):
+        super().__init__()
+        self.q = nn.ModuleList([mlp(inp, hidden, 1), mlp(inp, hidden, 1)])
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        xa = torch.cat([x, a], dim=-1)
+        return torch.stack([q(xa).squeeze(-1) for q in self.q])
+
+
+class TwinMixer(nn.Module):
+    """One QMIX mixer per critic: ``q [2, B, ..., N] -> [2, B, ...]``."""
+
+    def __init__(self, *a):
+        super().__init__()
+        self.m = nn.ModuleList([QMixer(*a), QMixer(*a)])
+
+    def forward(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(q[k], s) for k, m in enumerate(self.m)])
+
+
+class Actor(nn.Module):
+    """Deterministic actor pi_i(o_i) = tanh(.) (TD3, as the reference's MaMuJoCo agents)."""
+
+    def __init__(self, inp: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(inp, hidden, act_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(x))
+
+
+class GaussianBehaviour(nn.Module):
+    """Continuous behaviour model beta_i(a_i | o_i): tanh-Gaussian fitted by maximum likelihood."""
+
+    def __init__(self, inp: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(inp, hidden, 2 * act_dim)
+
+    def log_prob(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        mu, log_std = self.net(x).chunk(2, -1)
+        return gaussian_tanh_logp(mu.clamp(-9, 9), log_std.clamp(-5, 2), a)
+
+
+def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
+    n, obs_in, s = dims["n_agents"], dims["obs_dim"] + dims["n_agents"], dims["state_dim"]
+    mix = (s, n, args.mixing_embed, args.hypernet_embed)
+    if dims["discrete"]:
+        k = dims["n_actions"]
+        nets = dict(q=mlp(obs_in, args.hidden, k), mixer=QMixer(*mix), behaviour=mlp(obs_in, args.hidden, k))
+        targets = ("q", "mixer")
+    else:
+        ad = dims["act_dim"]
+        nets = dict(q=TwinQ(obs_in + ad, args.hidden), mixer=TwinMixer(*mix), actor=Actor(obs_in, ad, args.hidden),
+                    behaviour=GaussianBehaviour(obs_in, ad, args.hidden))
+        targets = ("q", "mixer", "actor")
+    for t in targets:
+        nets[t + "_target"] = copy.deepcopy(nets[t]).requires_grad_(False)
+    return nn.ModuleDict(nets)
+
+
+def make_act_fn(nets: nn.ModuleDict, discrete: bool, device: torch.device):
+    @torch.no_grad()
+    def act_fn(obs, state, avail):
+        x = with_agent_id(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        if discrete:
+            return greedy(nets["q"](x), torch.as_tensor(avail, dtype=torch.bool, device=device)).cpu().numpy()
+        return nets["actor"](x).cpu().numpy()
+
+    return act_fn
+
+
+def load_policy(checkpoint: str, device: str = "cpu"):
+    """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run; its
+    ``meta`` attribute is the dataset meta (to rebuild the environment)."""
+    ck = load_checkpoint(checkpoint, map_location=device)
+    if ck.get("algo") != ALGO:
+        raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not a {ALGO} one")
+    nets = build_networks(Args(**ck["args"]), ck["meta"]).to(device)
+    nets.load_state_dict(ck["nets"])
+    act_fn = make_act_fn(nets.eval(), ck["meta"]["discrete"], torch.device(device))
+    act_fn.meta = ck["meta"]
+    return act_fn
+
+
+# ======================================================================= main
+def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for pt, p in zip(target.parameters(), source.parameters()):
+            pt.lerp_(p, tau)
+
+
+def dims_of(data) -> dict[str, Any]:
+    keys = ("env", "task", "quality", "n_agents", "obs_dim", "state_dim", "discrete", "n_actions", "act_dim",
+            "env_options")
+    return {k: data.meta[k] for k in keys if k in data.meta}
+
+
+def eval_only(args: Args) -> dict[str, Any]:
+    if not args.checkpoint:
+        raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
+    device = resolve_device(args.device)
+    act_fn = load_policy(args.checkpoint, str(device))
+    res = evaluate(make_env_for(act_fn.meta), act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1),
+                   n_envs=args.eval_envs)
+    print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
+          + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
+    return res
+
+
+def main(args: Args) -> dict[str, Any]:
+    if args.eval_only:
+        return eval_only(args)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
+    env = make_env_for(data.meta)
+    data.check_env(env)
+    data.to(device).seed(args.seed)
+    dims = dims_of(data)
+    discrete = dims["discrete"]
+    alpha = args.cql_alpha if args.cql_alpha is not None else (50.0 if discrete else 1.0)
+    temp = args.softmax_temp if args.softmax_temp is not None else (5.0 if discrete else 1.0)
+    lr = args.lr if args.lr is not None else (5e-4 if discrete else 3e-4)
+    nets = build_networks(args, dims).to(device)
+    groups = {"critic": [*nets["q"].parameters(), *nets["mixer"].parameters()],
+              "behaviour": list(nets["behaviour"].parameters())}
+    if not discrete:
+        groups["actor"] = list(nets["actor"].parameters())
+    opt = {k: torch.optim.Adam(p, lr=lr) for k, p in groups.items()}
+    run = Run(args, ALGO, resume=args.resume)
+    step = 0
+    if run.resumed:
+        ck = run.load(map_location=device)
+        nets.load_state_dict(ck["nets"])
+        for k, o in opt.items():
+            o.load_state_dict(ck["opt"][k])
+        step = ck["step"]
+        set_rng_state(ck["rng"])
+        data.generator.set_state(ck["data_rng"].cpu())
+
+    def step_on(key: str, loss: torch.Tensor, clip: float) -> None:
+        opt[key].zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(groups[key], clip)
+        opt[key].step()
+
+    def behaviour_logp(x: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(nets["behaviour"](x).masked_fill(~avail, -1e10), -1)
+
+    if temp != 0 and not run.resumed:  # behaviour cloning of beta_i, then frozen (the reference trains it first)
+        for _ in tqdm(range(args.behaviour_steps), desc="behaviour model", mininterval=2.0, dynamic_ncols=True):
+            b = data.sample(args.batch_size)
+            x = with_agent_id(b["obs"])
+            if discrete:
+                nll = -behaviour_logp(x, b["avail"]).gather(-1, b["actions"].unsqueeze(-1)).mean()
+            else:
+                nll = -nets["behaviour"].log_prob(x, b["actions"]).mean()
+            step_on("behaviour", nll, args.grad_clip)
+    nets["behaviour"].requires_grad_(False)
+    q, mixer, q_t, mixer_t = nets["q"], nets["mixer"], nets["q_target"], nets["mixer_target"]
+
+    def update_discrete(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, x2, a, s, avail = with_agent_id(b["obs"]), with_agent_id(b["next_obs"]), b["actions"], b["state"], b["avail"]
+        with torch.no_grad():  # double-Q target through the target mixer
+            a2 = greedy(q(x2), b["next_avail"])
+            q2 = q_t(x2).gather(-1, a2.unsqueeze(-1)).squeeze(-1)
+            q2 = torch.where(b["next_avail"].any(-1), q2, torch.zeros_like(q2))
+            y = b["reward"] + args.gamma * (1.0 - b["done"]) * mixer_t(q2, b["next_state"])
+        q_all = q(x)  # [B, N, K]
+        q_data = q_all.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        q_tot = mixer(q_data, s)
+        td = 0.5 * F.mse_loss(q_tot, y)
+        cf = counterfactual_q_tot(q_all, q_data, lambda v: mixer(v, s))  # Eq. F1, [B, N, K]
+        if temp == 0:
+            lam = torch.full_like(q_data, 1.0 / q_data.shape[-1])
+            dev = torch.zeros_like(q_data)
+        else:
+            dev = counterfactual_kl(cf.detach(), behaviour_logp(x, avail), avail)
+            lam = agent_weights(dev, temp)  # Eq. F3
+        penalty = cfcql_penalty(cf, q_tot, lam, avail).mean()  # Eq. F2
+        step_on("critic", td + alpha * penalty, args.grad_clip)
+        return {"losses/td": td.detach(), "losses/cql_penalty": penalty.detach(), "charts/q_tot": q_tot.detach().mean(),
+                "charts/lambda_max": lam.max(-1).values.mean(), "charts/deviation": dev.mean()}
+
+    def update_continuous(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, x2, a, s = with_agent_id(b["obs"]), with_agent_id(b["next_obs"]), b["actions"], b["state"]
+        actor, actor_t = nets["actor"], nets["actor_target"]
+        B, N, d, M = a.shape[0], a.shape[1], a.shape[2], args.n_action_samples
+        with torch.no_grad():
+            a2 = (actor_t(x2) + args.target_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
+            y = b["reward"] + args.gamma * (1.0 - b["done"]) * mixer_t(q_t(x2, a2), b["next_state"]).min(0).values
+            # agent i's alternatives: uniform, pi_i(o_i) + noise, pi_i(o'_i) + noise (scored at o_i)
+            mu, mu2 = actor(x).unsqueeze(2), actor(x2).unsqueeze(2)
+            a_u = torch.rand(B, N, M, d, device=a.device) * 2 - 1
+            a_p = (mu + args.policy_noise * torch.randn(B, N, M, d, device=a.device)).clamp(-1, 1)
+            a_p2 = (mu2 + args.policy_noise * torch.randn(B, N, M, d, device=a.device)).clamp(-1, 1)
+            samples = torch.cat([a_u, a_p, a_p2], dim=2)  # [B, N, 3M, d]
+            gauss = -0.5 * ((a_p - mu) / args.policy_noise) ** 2
+            gauss2 = -0.5 * ((a_p2 - mu2) / args.policy_noise) ** 2
+            norm = -d * (math.log(args.policy_noise) + 0.5 * math.log(2 * math.pi))
+            log_prop = torch.cat([torch.full((B, N, M), -d * math.log(2.0), device=a.device),
+                                  gauss.sum(-1) + norm, gauss2.sum(-1) + norm], dim=2) + d * math.log(2.0)
+            if temp == 0:
+                dev = torch.zeros(B, N, device=a.device)
+            else:  # deviation of the current actor: -log beta_i(pi_i(o_i) | o_i)
+                dev = -nets["behaviour"].log_prob(x, mu.squeeze(2))
+            lam = agent_weights(dev, temp)  # Eq. F3
+        q_data = q(x, a)  # [2, B, N]
+        q_tot = mixer(q_data, s)  # [2, B]
+        td = F.mse_loss(q_tot, y.expand_as(q_tot)) * 2
+        own = q(x.unsqueeze(2).expand(B, N, 3 * M, -1), samples)  # [2, B, N, 3M]
+        penalty = sum(cfcql_penalty(counterfactual_q_tot(own[k], q_data[k], lambda v, k=k: mixer.m[k](v, s)),
+                                    q_tot[k], lam, log_proposal=log_prop).mean() for k in range(2))  # Eqs. F1, F2
+        step_on("critic", td + alpha * penalty, args.grad_clip)
+        # counterfactual policy update (reference default): agent i acts, the others keep the dataset actions
+        a_pi = actor(x)
+        q_pi = q.q[0](torch.cat([x, a_pi], -1)).squeeze(-1)  # [B, N]
+        q_cf = mixer.m[0](counterfactual_joint(q_pi.unsqueeze(-1), q_data[0].detach()).squeeze(2), s)  # [B, N]
+        actor_loss = -q_cf.mean() + args.action_reg * a_pi.pow(2).mean()
+        step_on("actor", actor_loss, 0.5)
+        for t in ("q", "mixer", "actor"):
+            polyak(nets[t + "_target"], nets[t], args.tau)
+        return {"losses/td": td.detach(), "losses/cql_penalty": penalty.detach(), "losses/actor": actor_loss.detach(),
+                "charts/q_tot": q_tot.detach().mean(), "charts/lambda_max": lam.max(-1).values.mean(),
+                "charts/deviation": dev.mean()}
+
+    update = update_discrete if discrete else update_continuous
+    act_fn = make_act_fn(nets, discrete, device)
+    eval_seed = 10_000 * (args.seed + 1)
+
+    def checkpoint(step: int) -> None:
+        run.save(dict(algo=ALGO, args=dataclasses.asdict(args), meta=dims, step=step, nets=nets.state_dict(),
+                      opt={k: o.state_dict() for k, o in opt.items()}, rng=rng_state(),
+                      data_rng=data.generator.get_state()))
+
+    t0, step0 = time.time(), step
+    pbar = tqdm(total=args.total_steps, initial=step, desc=ALGO, mininterval=2.0, dynamic_ncols=True)
+    while step < args.total_steps:
+        info = update(data.sample(args.batch_size))
+        step += 1
+        pbar.update(1)
+        if discrete and step % args.target_update_interval == 0:
+            q_t.load_state_dict(q.state_dict())
+            mixer_t.load_state_dict(mixer.state_dict())
+        if step % args.log_every == 0:
+            run.log(step, {**info, "charts/updates_per_s": (step - step0) / max(time.time() - t0, 1e-9)})
+        if step % args.eval_every == 0 or step == args.total_steps:
+            res = evaluate(env, act_fn, args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
+            run.log_eval(step, res)
+            pbar.set_postfix(eval=f"{res['return_mean']:.3f}")
+            checkpoint(step)
+    pbar.close()
+    wall = time.time() - t0
+    final = evaluate(env, act_fn, args.final_eval_episodes, seed=eval_seed + 1, n_envs=args.eval_envs)
+    run.log_final(step, final)
+    summary = dict(return_mean=final["return_mean"], return_std=final["return_std"], win_rate=final["win_rate"],
+                   steps=step, updates_per_s=(step - step0) / max(wall, 1e-9), wall_s=wall, run_dir=str(run.dir))
+    run.finish(summary)
+    run.close()
+    return summary
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main(tyro.cli(Args))

@@ -1,0 +1,426 @@
+"""CQL-MA: conservative Q-learning on a linear weighted value decomposition.
+
+Docs: docs/baselines.md#cql-ma (objective, the exact joint penalty, differences, results).
+Papers: A. Kumar, A. Zhou, G. Tucker, S. Levine, "Conservative Q-Learning for Offline
+Reinforcement Learning", NeurIPS 2020 (CQL(H), Eq. 4 there); made multi-agent as the OMCDA
+paper (ICLR 2025 submission, ../shared/papers/omcda.md, Sec. 4 and App. E.3) describes its
+CQL-MA baseline: Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s), w_i >= 0 (OMCDA Eq. 1).
+Reference code: none public for CQL-MA; the CQL parts were checked against the CQL paper.
+
+With a linear mixer the conservative penalty on the *joint* action space factorises exactly
+(Eq. C2): log E_{a ~ U(A)} exp Q_tot(s, a) = b(s) + sum_i log E_{a_i ~ U(A_i)} exp(w_i Q_i),
+so the joint CQL(H) penalty costs one logsumexp per agent. Discrete actions: DQN-style
+targets with the (exact) joint max; continuous: SAC actors, twin critics, importance-sampled
+penalty. Agents share weights and see a one-hot id, all in one forward pass.
+
+    python baselines/cql.py --env mamujoco --task Hopper-3x1 --quality medium
+    python baselines/cql.py --env bridge --task hard --quality mix --total-steps 50000
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common import OfflineMarlError, catalog, friendly_errors
+from common.envs import evaluate, make_env_for
+from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+
+ALGO = "cql"
+
+
+@dataclass
+class Args:
+    env: str = "mamujoco"
+    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2)"""
+    task: str = "Hopper-3x1"
+    """task within the family"""
+    quality: str = "medium"
+    """dataset quality (e.g. expert, medium, mix; the names the catalog knows for the task)"""
+    dataset: str = ""
+    """path of a dataset to use instead of the catalog's (native directory or a public format)"""
+    seed: int = 0
+    """random seed (networks, sampling, evaluation episodes)"""
+    device: str = "auto"
+    """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    total_steps: int = 1_000_000
+    """gradient updates"""
+    batch_size: int = 128
+    """transitions per update"""
+    eval_every: int = 5000
+    """evaluate (and checkpoint) every this many updates"""
+    eval_episodes: int = 10
+    """episodes per periodic evaluation"""
+    final_eval_episodes: int = 100
+    """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    resume: bool = False
+    """continue the newest run of the same (env, task, quality, algo, seed) from its checkpoint"""
+    run_dir: str = ""
+    """write the run here instead of runs/<env>__<task>__<quality>__cql__<seed>__<time>"""
+    eval_only: bool = False
+    """only evaluate --checkpoint for --final-eval-episodes episodes"""
+    checkpoint: str = ""
+    """checkpoint file or run directory for --eval-only"""
+    # ---- CQL-MA
+    cql_alpha: float | None = None
+    """weight of the conservative penalty (Eq. C2/C3); default 1.0 discrete, 5.0 continuous (CQL's MuJoCo value)"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak rate of the target critics and mixers"""
+    lr: float = 3e-4
+    """Adam learning rate of the critics and mixers (and of the entropy temperature)"""
+    actor_lr: float = 1e-4
+    """Adam learning rate of the continuous actors"""
+    hidden: int = 256
+    """width of the two hidden layers of Q_i and pi_i"""
+    mixer_hidden: int = 64
+    """width of the mixer's hidden layer"""
+    grad_clip: float = 10.0
+    """gradient-norm clip of every network"""
+    penalty_through_mixer: bool = False
+    """let the penalty's gradient reach the mixer weights too (ablation: on Bridge it holds Q_tot near 0; docs)"""
+    n_action_samples: int = 10
+    """continuous: samples per proposal (uniform, pi(.|o), pi(.|o')) in the importance-sampled penalty"""
+    target_entropy: float | None = None
+    """continuous: SAC entropy target per agent (default -act_dim)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation"""
+    log_every: int = 1000
+    """write training scalars every this many updates"""
+
+
+# ============================================================== pure functions
+def log_mean_exp(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
+    """log of the mean of exp(x) along ``dim``, over the entries where ``mask`` is true."""
+    if mask is None:
+        return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+    return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim) - torch.log(mask.sum(dim).clamp(min=1).to(x.dtype))
+
+
+def cql_penalty_discrete(q_all: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor, w: torch.Tensor,
+                         through_mixer: bool = False) -> torch.Tensor:
+    """Eq. C2, the joint CQL(H) penalty of Q_tot in log-mean-exp form, per sample ``[B]``:
+
+        log E_{a ~ U(avail)} exp Q_tot(s, a) - Q_tot(s, a^D)
+          = sum_i [ log E_{a_i ~ U(avail_i)} exp(w_i Q_i(o_i, a_i)) - w_i Q_i(o_i, a_i^D) ]
+
+    exact because Q_tot is linear in the Q_i (the bias b(s) cancels). It is 0 when Q is constant
+    over the actions and > 0 when Q prefers actions the data did not take. ``q_all [B, N, K]``,
+    ``actions [B, N]``, ``avail [B, N, K]``, ``w [B, N]`` (mixer weights, >= 0).
+
+    The weights are constants here (detached): the penalty shapes the action-dependent Q_i only,
+    with gradient w_i (softmax(w_i Q_i) - onehot(a_i^D)); it cannot rescale the state-only w(s)
+    (docs: why, and what happens on Bridge when it can: ``through_mixer=True``)."""
+    wq = (w if through_mixer else w.detach()).unsqueeze(-1) * q_all
+    data = wq.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    return (log_mean_exp(wq, avail) - data).sum(-1)
+
+
+def cql_penalty_continuous(wq_samples: torch.Tensor, log_proposal: torch.Tensor, wq_data: torch.Tensor,
+                           act_dim: int) -> torch.Tensor:
+    """Eq. C3, the continuous joint penalty, per sample ``[...]`` (summed over agents):
+
+        sum_i [ log E_{a_i ~ U[-1,1]^d} exp(w_i Q_i(o_i, a_i)) - w_i Q_i(o_i, a_i^D) ],
+
+    the expectation importance-sampled from the M draws a_i^(j) of proposals with log-densities
+    ``log_proposal``: log (1/M) sum_j exp(w_i Q_i(a^(j))) U(a^(j)) / p_j(a^(j)), U = 2^-d.
+    ``wq_samples [..., N, M]``, ``log_proposal [..., N, M]``, ``wq_data [..., N]``; pass the mixer
+    weights detached, as in Eq. C2."""
+    log_u = -act_dim * math.log(2.0)
+    lme = torch.logsumexp(wq_samples + log_u - log_proposal, dim=-1) - math.log(wq_samples.shape[-1])
+    return (lme - wq_data).sum(-1)
+
+
+def with_agent_id(x: torch.Tensor) -> torch.Tensor:
+    """Append each agent's one-hot id: ``[..., N, d] -> [..., N, d + N]``."""
+    n = x.shape[-2]
+    eye = torch.eye(n, device=x.device, dtype=x.dtype).expand(*x.shape[:-1], n)
+    return torch.cat([x, eye], dim=-1)
+
+
+def greedy(q_all: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+    """Per-agent masked argmax: the joint argmax of a linear mixer with w_i >= 0."""
+    return q_all.masked_fill(~avail, float("-inf")).argmax(-1)
+
+
+# =================================================================== networks
+def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out))
+
+
+class LinearMixer(nn.Module):
+    """x_tot = sum_i w_i(s) x_i + b(s), w_i = |.| >= 0, from one ReLU layer on the state (OMCDA Eq. 1)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU())
+        self.w = nn.Linear(hidden, n_agents)
+        self.b = nn.Linear(hidden, 1)
+
+    def weights(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(s)
+        return self.w(h).abs(), self.b(h).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        w, b = self.weights(s)
+        return (w * x).sum(-1) + b
+
+
+class TwinQ(nn.Module):
+    """Two continuous critics Q_i^k(o_i, a_i), k = 1, 2: ``[..., N] -> [2, ..., N]``."""
+
+    def __init__(self, inp: int, hidden: int):
+        super().__init__()
+        self.q = nn.ModuleList([mlp(inp, hidden, 1), mlp(inp, hidden, 1)])
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        xa = torch.cat([x, a], dim=-1)
+        return torch.stack([q(xa).squeeze(-1) for q in self.q])
+
+
+class TwinMixer(nn.Module):
+    """One linear mixer per critic: weights ``[2, B, N]``, biases ``[2, B]``."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden: int):
+        super().__init__()
+        self.m = nn.ModuleList([LinearMixer(state_dim, n_agents, hidden) for _ in range(2)])
+
+    def weights(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = zip(*(m.weights(s) for m in self.m))
+        return torch.stack(w), torch.stack(b)
+
+
+class GaussianActor(nn.Module):
+    """tanh-Gaussian pi_i(a_i | o_i); mean clamped to +-9, log-std to [-5, 2]."""
+
+    def __init__(self, inp: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(inp, hidden, 2 * act_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, log_std = self.net(x).chunk(2, dim=-1)
+        return mu.clamp(-9.0, 9.0), log_std.clamp(-5.0, 2.0)
+
+    def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action and its log-density (tanh change of variables), ``[..., d], [...]``."""
+        mu, log_std = self(x)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return torch.tanh(u), logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+
+    def mode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(x)[0])
+
+
+class Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+
+
+def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
+    n, obs_in, s = dims["n_agents"], dims["obs_dim"] + dims["n_agents"], dims["state_dim"]
+    if dims["discrete"]:
+        nets = dict(q=mlp(obs_in, args.hidden, dims["n_actions"]), mixer=LinearMixer(s, n, args.mixer_hidden))
+    else:
+        ad = dims["act_dim"]
+        nets = dict(q=TwinQ(obs_in + ad, args.hidden), mixer=TwinMixer(s, n, args.mixer_hidden),
+                    actor=GaussianActor(obs_in, ad, args.hidden), temperature=Temperature())
+    nets["q_target"], nets["mixer_target"] = copy.deepcopy(nets["q"]), copy.deepcopy(nets["mixer"])
+    nets["q_target"].requires_grad_(False)
+    nets["mixer_target"].requires_grad_(False)
+    return nn.ModuleDict(nets)
+
+
+def make_act_fn(nets: nn.ModuleDict, discrete: bool, device: torch.device):
+    @torch.no_grad()
+    def act_fn(obs, state, avail):
+        x = with_agent_id(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        if discrete:
+            return greedy(nets["q"](x), torch.as_tensor(avail, dtype=torch.bool, device=device)).cpu().numpy()
+        return nets["actor"].mode(x).cpu().numpy()
+
+    return act_fn
+
+
+def load_policy(checkpoint: str, device: str = "cpu"):
+    """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run; its
+    ``meta`` attribute is the dataset meta (to rebuild the environment)."""
+    ck = load_checkpoint(checkpoint, map_location=device)
+    if ck.get("algo") != ALGO:
+        raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not a {ALGO} one")
+    nets = build_networks(Args(**ck["args"]), ck["meta"]).to(device)
+    nets.load_state_dict(ck["nets"])
+    act_fn = make_act_fn(nets.eval(), ck["meta"]["discrete"], torch.device(device))
+    act_fn.meta = ck["meta"]
+    return act_fn
+
+
+# ======================================================================= main
+def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for pt, p in zip(target.parameters(), source.parameters()):
+            pt.lerp_(p, tau)
+
+
+def dims_of(data) -> dict[str, Any]:
+    keys = ("env", "task", "quality", "n_agents", "obs_dim", "state_dim", "discrete", "n_actions", "act_dim",
+            "env_options")
+    return {k: data.meta[k] for k in keys if k in data.meta}
+
+
+def eval_only(args: Args) -> dict[str, Any]:
+    if not args.checkpoint:
+        raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
+    device = resolve_device(args.device)
+    act_fn = load_policy(args.checkpoint, str(device))
+    res = evaluate(make_env_for(act_fn.meta), act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1),
+                   n_envs=args.eval_envs)
+    print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
+          + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
+    return res
+
+
+def main(args: Args) -> dict[str, Any]:
+    if args.eval_only:
+        return eval_only(args)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
+    env = make_env_for(data.meta)
+    data.check_env(env)
+    data.to(device).seed(args.seed)
+    dims = dims_of(data)
+    discrete = dims["discrete"]
+    cql_alpha = args.cql_alpha if args.cql_alpha is not None else (1.0 if discrete else 5.0)
+    nets = build_networks(args, dims).to(device)
+    critic_params = [*nets["q"].parameters(), *nets["mixer"].parameters()]
+    opt = {"critic": torch.optim.Adam(critic_params, lr=args.lr)}
+    if not discrete:
+        opt["actor"] = torch.optim.Adam(nets["actor"].parameters(), lr=args.actor_lr)
+        opt["temperature"] = torch.optim.Adam(nets["temperature"].parameters(), lr=args.lr)
+        target_entropy = args.target_entropy if args.target_entropy is not None else -float(dims["act_dim"])
+    run = Run(args, ALGO, resume=args.resume)
+    step = 0
+    if run.resumed:
+        ck = run.load(map_location=device)
+        nets.load_state_dict(ck["nets"])
+        for k, o in opt.items():
+            o.load_state_dict(ck["opt"][k])
+        step = ck["step"]
+        set_rng_state(ck["rng"])
+        data.generator.set_state(ck["data_rng"].cpu())
+    q, mixer, q_t, mixer_t = nets["q"], nets["mixer"], nets["q_target"], nets["mixer_target"]
+
+    def critic_step(loss: torch.Tensor) -> None:
+        opt["critic"].zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(critic_params, args.grad_clip)
+        opt["critic"].step()
+
+    def update_discrete(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, x2, a = with_agent_id(b["obs"]), with_agent_id(b["next_obs"]), b["actions"]
+        with torch.no_grad():  # Eq. C1 target: the joint max of a monotone linear mixer is the per-agent max
+            q2 = q_t(x2).masked_fill(~b["next_avail"], float("-inf")).max(-1).values
+            q2 = torch.where(b["next_avail"].any(-1), q2, torch.zeros_like(q2))
+            y = b["reward"] + args.gamma * (1.0 - b["done"]) * mixer_t(q2, b["next_state"])
+        q_all = q(x)
+        w, bias = mixer.weights(b["state"])
+        q_tot = (w * q_all.gather(-1, a.unsqueeze(-1)).squeeze(-1)).sum(-1) + bias
+        td = F.mse_loss(q_tot, y)
+        penalty = cql_penalty_discrete(q_all, a, b["avail"], w, args.penalty_through_mixer).mean()  # Eq. C2
+        critic_step(td + cql_alpha * penalty)
+        polyak(q_t, q, args.tau)
+        polyak(mixer_t, mixer, args.tau)
+        return {"losses/td": td.detach(), "losses/cql_penalty": penalty.detach(), "charts/q_tot": q_tot.detach().mean()}
+
+    def update_continuous(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, x2, a, s = with_agent_id(b["obs"]), with_agent_id(b["next_obs"]), b["actions"], b["state"]
+        actor, temp = nets["actor"], nets["temperature"]
+        B, N, d, M = a.shape[0], a.shape[1], a.shape[2], args.n_action_samples
+        with torch.no_grad():  # Eq. C1 target: min over the two mixed target critics at a' ~ pi(.|o')
+            a2, _ = actor.sample(x2)
+            w2, b2 = mixer_t.weights(b["next_state"])
+            y = b["reward"] + args.gamma * (1.0 - b["done"]) * ((w2 * q_t(x2, a2)).sum(-1) + b2).min(0).values
+            # proposals of the penalty: uniform, pi(.|o) and pi(.|o'), M draws each, all scored at o
+            xm, xm2 = x.unsqueeze(2).expand(B, N, M, -1), x2.unsqueeze(2).expand(B, N, M, -1)
+            a_pi, logp_pi = actor.sample(xm)
+            a_pi2, logp_pi2 = actor.sample(xm2)
+            a_u = torch.rand(B, N, M, d, device=a.device) * 2 - 1
+            samples = torch.cat([a_u, a_pi, a_pi2], dim=2)  # [B, N, 3M, d]
+            log_prop = torch.cat([torch.full((B, N, M), -d * math.log(2.0), device=a.device), logp_pi, logp_pi2], dim=2)
+        w, bias = mixer.weights(s)  # [2, B, N], [2, B]
+        q_data = q(x, a)  # [2, B, N]
+        q_tot = (w * q_data).sum(-1) + bias
+        td = F.mse_loss(q_tot, y.expand_as(q_tot)) * 2
+        q_samp = q(x.unsqueeze(2).expand(B, N, 3 * M, -1), samples)  # [2, B, N, 3M]
+        wd = w if args.penalty_through_mixer else w.detach()  # Eq. C3, mixer weights held fixed as in Eq. C2
+        penalty = cql_penalty_continuous(wd.unsqueeze(-1) * q_samp, log_prop, wd * q_data, d).mean() * 2
+        critic_step(td + cql_alpha * penalty)
+        # actor (SAC): maximise min_k Q_tot^k(s, a ~ pi) - alpha_ent sum_i log pi_i
+        a_new, logp = actor.sample(x)
+        q_new = ((w.detach() * q(x, a_new)).sum(-1) + bias.detach()).min(0).values
+        alpha_ent = temp.log_alpha.exp().detach()
+        actor_loss = (alpha_ent * logp.sum(-1) - q_new).mean()
+        opt["actor"].zero_grad(set_to_none=True)
+        actor_loss.backward()
+        nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
+        opt["actor"].step()
+        temp_loss = -(temp.log_alpha * (logp.detach() + target_entropy)).mean()
+        opt["temperature"].zero_grad(set_to_none=True)
+        temp_loss.backward()
+        opt["temperature"].step()
+        polyak(q_t, q, args.tau)
+        polyak(mixer_t, mixer, args.tau)
+        return {"losses/td": td.detach(), "losses/cql_penalty": penalty.detach(), "losses/actor": actor_loss.detach(),
+                "charts/q_tot": q_tot.detach().mean(), "charts/alpha_entropy": alpha_ent,
+                "charts/entropy": -logp.detach().mean()}
+
+    update = update_discrete if discrete else update_continuous
+    act_fn = make_act_fn(nets, discrete, device)
+    eval_seed = 10_000 * (args.seed + 1)
+
+    def checkpoint(step: int) -> None:
+        run.save(dict(algo=ALGO, args=dataclasses.asdict(args), meta=dims, step=step, nets=nets.state_dict(),
+                      opt={k: o.state_dict() for k, o in opt.items()}, rng=rng_state(),
+                      data_rng=data.generator.get_state()))
+
+    t0, step0 = time.time(), step
+    pbar = tqdm(total=args.total_steps, initial=step, desc=ALGO, mininterval=2.0, dynamic_ncols=True)
+    while step < args.total_steps:
+        info = update(data.sample(args.batch_size))
+        step += 1
+        pbar.update(1)
+        if step % args.log_every == 0:
+            run.log(step, {**info, "charts/updates_per_s": (step - step0) / max(time.time() - t0, 1e-9)})
+        if step % args.eval_every == 0 or step == args.total_steps:
+            res = evaluate(env, act_fn, args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
+            run.log_eval(step, res)
+            pbar.set_postfix(eval=f"{res['return_mean']:.3f}")
+            checkpoint(step)
+    pbar.close()
+    wall = time.time() - t0
+    final = evaluate(env, act_fn, args.final_eval_episodes, seed=eval_seed + 1, n_envs=args.eval_envs)
+    run.log_final(step, final)
+    summary = dict(return_mean=final["return_mean"], return_std=final["return_std"], win_rate=final["win_rate"],
+                   steps=step, updates_per_s=(step - step0) / max(wall, 1e-9), wall_s=wall, run_dir=str(run.dir))
+    run.finish(summary)
+    run.close()
+    return summary
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main(tyro.cli(Args))

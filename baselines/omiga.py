@@ -1,0 +1,398 @@
+"""OMIGA: offline multi-agent RL with implicit global-to-local value regularisation.
+
+Docs: docs/baselines.md#omiga (objective, derivation, differences from the reference code).
+Paper: X. Wang, H. Xu, Y. Zheng, X. Zhan, "Offline Multi-Agent Reinforcement Learning with
+Implicit Global-to-Local Value Regularization", NeurIPS 2023 (arXiv 2307.11620).
+Reference code checked against: github.com/ZhengYinan-AIR/OMIGA (`master`: MaMuJoCo,
+`SMAC` branch: SMAC), read for facts only.
+
+Local Q_i, V_i and policies pi_i; a state-conditioned mixer with non-negative weights,
+Q_tot = sum_i w_i(s) Q_i + b(s) and V_tot = sum_i w_i(s) V_i + b(s); the global reverse-KL
+regularised objective becomes one implicit local value objective per agent (Eq. O3) and an
+exp-advantage weighted behaviour cloning of each local policy (Eq. O4). Discrete and
+continuous actions; agents share weights and see a one-hot id, all in one forward pass.
+
+    python baselines/omiga.py --env mamujoco --task Hopper-3x1 --quality medium
+    python baselines/omiga.py --env bridge --task hard --quality mix --total-steps 50000
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common import OfflineMarlError, catalog, friendly_errors
+from common.envs import evaluate, make_env_for
+from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+
+ALGO = "omiga"
+
+
+@dataclass
+class Args:
+    env: str = "mamujoco"
+    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2)"""
+    task: str = "Hopper-3x1"
+    """task within the family"""
+    quality: str = "medium"
+    """dataset quality (e.g. expert, medium, mix; the names the catalog knows for the task)"""
+    dataset: str = ""
+    """path of a dataset to use instead of the catalog's (native directory or a public format)"""
+    seed: int = 0
+    """random seed (networks, sampling, evaluation episodes)"""
+    device: str = "auto"
+    """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    total_steps: int = 1_000_000
+    """gradient updates"""
+    batch_size: int = 128
+    """transitions per update"""
+    eval_every: int = 5000
+    """evaluate (and checkpoint) every this many updates"""
+    eval_episodes: int = 10
+    """episodes per periodic evaluation"""
+    final_eval_episodes: int = 100
+    """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    resume: bool = False
+    """continue the newest run of the same (env, task, quality, algo, seed) from its checkpoint"""
+    run_dir: str = ""
+    """write the run here instead of runs/<env>__<task>__<quality>__omiga__<seed>__<time>"""
+    eval_only: bool = False
+    """only evaluate --checkpoint for --final-eval-episodes episodes"""
+    checkpoint: str = ""
+    """checkpoint file or run directory for --eval-only"""
+    # ---- OMIGA
+    alpha: float = 10.0
+    """regularisation strength alpha of the reverse-KL behaviour regulariser (the paper's default)"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak rate of the target Q, V and mixer"""
+    lr: float = 5e-4
+    """Adam learning rate of Q + mixer, V and the policy (reference default)"""
+    hidden: int = 256
+    """width of the two hidden layers of Q_i, V_i and pi_i"""
+    mixer_hidden: int = 64
+    """width of the mixer's hidden layer"""
+    mixer_input: Literal["state", "obs"] = "state"
+    """what the mixer sees: the global state, or all agents' observations concatenated (reference code)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip of every network"""
+    z_max: float = 10.0
+    """the exp in the V objective (Eq. O3) continues as its tangent line above this exponent"""
+    weight_clip: float = 10.0
+    """the exponent of the policy weights (Eq. O4) is clipped to [-weight_clip, weight_clip] (reference: 10)"""
+    official_v_loss: bool = False
+    """use the reference code's V loss: exponent clamped to [-10, 10] inside the loss and rescaled by exp(-max z)"""
+    return_to_go: bool = False
+    """train on the undiscounted return-to-go instead of the reward (what the reference does on SMAC)"""
+    eval_sample: bool = False
+    """evaluate with sampled actions instead of the mode (discrete: argmax, continuous: tanh(mean))"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation"""
+    log_every: int = 1000
+    """write training scalars every this many updates"""
+
+
+# ============================================================== pure functions
+def exp_linear(z: torch.Tensor, z_max: float) -> torch.Tensor:
+    """exp(z) for z <= z_max and its tangent line e^z_max (1 + z - z_max) above: convex, C^1,
+    and it never overflows, so V cannot run away when Q - V is large."""
+    zc = z.clamp(max=z_max)
+    return torch.exp(zc) * (1.0 + z - zc)
+
+
+def omiga_exponent(q: torch.Tensor, v: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """z_i = w_i(s) (Q_i(o_i, a_i) - V_i(o_i)) / alpha, the exponent of Eqs. O3 and O4."""
+    return w * (q - v) / alpha
+
+
+def omiga_v_loss(q: torch.Tensor, v: torch.Tensor, w: torch.Tensor, alpha: float, z_max: float = 10.0,
+                 official: bool = False) -> torch.Tensor:
+    """Eq. O3, the implicit local value objective, averaged over the batch and the agents:
+    E_D[ exp(w_i (Q_i - V_i) / alpha) + w_i V_i / alpha ].
+
+    Its minimiser in V_i is V_i* = (alpha / w_i) log E_{a_i ~ D}[exp(w_i Q_i / alpha)], the
+    local soft value, and then sum_i w_i V_i* + b is the global reverse-KL regularised value
+    (docs: the global-to-local equivalence). ``q`` and ``w`` come from target networks and must
+    carry no gradient. ``official=True`` is the reference code's form (clamped exponent, loss
+    scaled by exp(-max(max z, -1)))."""
+    z = omiga_exponent(q, v, w, alpha)
+    if official:
+        z = z.clamp(-10.0, 10.0)
+        m = torch.clamp(z.max(), min=-1.0).detach()
+        return (torch.exp(z - m) + torch.exp(-m) * w * v / alpha).mean()
+    return (exp_linear(z, z_max) + w * v / alpha).mean()
+
+
+def omiga_policy_weights(q: torch.Tensor, v: torch.Tensor, w: torch.Tensor, alpha: float,
+                         clip: float = 10.0) -> torch.Tensor:
+    """Eq. O4's weights exp(w_i (Q_i - V_i) / alpha), exponent clipped to [-clip, clip]; with
+    w_i = 1 this is the familiar exp(A_i / alpha) of advantage-weighted regression."""
+    return torch.exp(omiga_exponent(q, v, w, alpha).clamp(-clip, clip)).detach()
+
+
+def with_agent_id(x: torch.Tensor) -> torch.Tensor:
+    """Append each agent's one-hot id: ``[..., N, d] -> [..., N, d + N]``."""
+    n = x.shape[-2]
+    eye = torch.eye(n, device=x.device, dtype=x.dtype).expand(*x.shape[:-1], n)
+    return torch.cat([x, eye], dim=-1)
+
+
+def masked_logits(logits: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+    """Unavailable actions get a logit of -1e10 (zero probability)."""
+    return logits.masked_fill(~avail, -1e10)
+
+
+# =================================================================== networks
+def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out))
+
+
+class LinearMixer(nn.Module):
+    """x_tot = sum_i w_i(s) x_i + b(s) with w_i = |.| >= 0, from one ReLU layer on the mixer input
+    (OMCDA Eq. 1; the reference OMIGA mixer). The same mixer mixes Q (Eq. O1) and V (Eq. O2)."""
+
+    def __init__(self, inp: int, n_agents: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(inp, hidden), nn.ReLU())
+        self.w = nn.Linear(hidden, n_agents)
+        self.b = nn.Linear(hidden, 1)
+
+    def weights(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(s)
+        return self.w(h).abs(), self.b(h).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        w, b = self.weights(s)
+        return (w * x).sum(-1) + b
+
+
+class QNet(nn.Module):
+    """Q_i(o_i, a_i): discrete -> one output per action; continuous -> (obs, action) -> 1."""
+
+    def __init__(self, obs_in: int, n_actions: int, act_dim: int, hidden: int, discrete: bool):
+        super().__init__()
+        self.discrete = discrete
+        self.net = mlp(obs_in, hidden, n_actions) if discrete else mlp(obs_in + act_dim, hidden, 1)
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return self.net(x).gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        return self.net(torch.cat([x, a], dim=-1)).squeeze(-1)
+
+
+class Policy(nn.Module):
+    """pi_i(a_i | o_i): masked categorical, or tanh-Gaussian (mean clamped to +-9, log-std to [-5, 2])."""
+
+    def __init__(self, obs_in: int, n_actions: int, act_dim: int, hidden: int, discrete: bool):
+        super().__init__()
+        self.discrete = discrete
+        self.net = mlp(obs_in, hidden, n_actions if discrete else 2 * act_dim)
+
+    def _gauss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, log_std = self.net(x).chunk(2, dim=-1)
+        return mu.clamp(-9.0, 9.0), log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, x: torch.Tensor, a: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return F.log_softmax(masked_logits(self.net(x), avail), -1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        mu, log_std = self._gauss(x)
+        u = torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6))
+        logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # tanh change of variables
+
+    def act(self, x: torch.Tensor, avail: torch.Tensor, sample: bool, gen: torch.Generator | None = None):
+        if self.discrete:
+            logits = masked_logits(self.net(x), avail)
+            if not sample:
+                return logits.argmax(-1)
+            flat = torch.softmax(logits, -1).reshape(-1, logits.shape[-1])
+            return torch.multinomial(flat, 1, generator=gen).reshape(logits.shape[:-1])
+        mu, log_std = self._gauss(x)
+        if sample:
+            mu = mu + log_std.exp() * torch.randn(mu.shape, device=mu.device, generator=gen)
+        return torch.tanh(mu)
+
+
+def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
+    n, disc = dims["n_agents"], dims["discrete"]
+    obs_in = dims["obs_dim"] + n
+    k, ad = dims.get("n_actions", 1), dims.get("act_dim", 1)
+    mix_in = dims["state_dim"] if args.mixer_input == "state" else n * dims["obs_dim"]
+    nets = nn.ModuleDict(dict(
+        q=QNet(obs_in, k, ad, args.hidden, disc), v=mlp(obs_in, args.hidden, 1),
+        mixer=LinearMixer(mix_in, n, args.mixer_hidden), policy=Policy(obs_in, k, ad, args.hidden, disc),
+    ))
+    for name in ("q", "v", "mixer"):
+        nets[name + "_target"] = copy.deepcopy(nets[name]).requires_grad_(False)
+    return nets
+
+
+def mixer_input(args: Args, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+    return state if args.mixer_input == "state" else obs.flatten(-2)
+
+
+def make_act_fn(policy: Policy, device: torch.device, sample: bool, seed: int):
+    gen = torch.Generator(device).manual_seed(seed)
+
+    @torch.no_grad()
+    def act_fn(obs, state, avail):
+        x = with_agent_id(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        return policy.act(x, torch.as_tensor(avail, dtype=torch.bool, device=device), sample, gen).cpu().numpy()
+
+    return act_fn
+
+
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None):
+    """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run; its
+    ``meta`` attribute is the dataset meta (to rebuild the environment). ``sample`` overrides
+    the run's ``eval_sample`` (sampled actions instead of the mode)."""
+    ck = load_checkpoint(checkpoint, map_location=device)
+    if ck.get("algo") != ALGO:
+        raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not an {ALGO} one")
+    args = Args(**ck["args"])
+    nets = build_networks(args, ck["meta"]).to(device)
+    nets.load_state_dict(ck["nets"])
+    sample = args.eval_sample if sample is None else sample
+    act_fn = make_act_fn(nets["policy"].eval(), torch.device(device), sample, args.seed)
+    act_fn.meta = ck["meta"]
+    return act_fn
+
+
+# ======================================================================= main
+def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for pt, p in zip(target.parameters(), source.parameters()):
+            pt.lerp_(p, tau)
+
+
+def dims_of(data) -> dict[str, Any]:
+    keys = ("env", "task", "quality", "n_agents", "obs_dim", "state_dim", "discrete", "n_actions", "act_dim",
+            "env_options")
+    return {k: data.meta[k] for k in keys if k in data.meta}
+
+
+def eval_only(args: Args) -> dict[str, Any]:
+    if not args.checkpoint:
+        raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
+    device = resolve_device(args.device)
+    act_fn = load_policy(args.checkpoint, str(device), sample=args.eval_sample)
+    env = make_env_for(act_fn.meta)
+    res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1), n_envs=args.eval_envs)
+    print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
+          + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
+    return res
+
+
+def main(args: Args) -> dict[str, Any]:
+    if args.eval_only:
+        return eval_only(args)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
+    if args.return_to_go:
+        data = data.with_reward(data.returns_to_go(), "undiscounted return-to-go (OMIGA SMAC reference)")
+    env = make_env_for(data.meta)
+    data.check_env(env)
+    data.to(device).seed(args.seed)
+    dims = dims_of(data)
+    nets = build_networks(args, dims).to(device)
+    opt = {
+        "q": torch.optim.Adam([*nets["q"].parameters(), *nets["mixer"].parameters()], lr=args.lr),
+        "v": torch.optim.Adam(nets["v"].parameters(), lr=args.lr),
+        "policy": torch.optim.Adam(nets["policy"].parameters(), lr=args.lr),
+    }
+    run = Run(args, ALGO, resume=args.resume)
+    step = 0
+    if run.resumed:
+        ck = run.load(map_location=device)
+        nets.load_state_dict(ck["nets"])
+        for k, o in opt.items():
+            o.load_state_dict(ck["opt"][k])
+        step = ck["step"]
+        set_rng_state(ck["rng"])
+        data.generator.set_state(ck["data_rng"].cpu())
+    q, v, mixer, policy = nets["q"], nets["v"], nets["mixer"], nets["policy"]
+    q_t, v_t, mixer_t = nets["q_target"], nets["v_target"], nets["mixer_target"]
+    q_params = [*q.parameters(), *mixer.parameters()]
+
+    def update(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, x2 = with_agent_id(b["obs"]), with_agent_id(b["next_obs"])
+        s, s2 = mixer_input(args, b["state"], b["obs"]), mixer_input(args, b["next_state"], b["next_obs"])
+        a = b["actions"]
+        # Eq. O1: Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s) regressed on r + gamma V_tot^target(s')
+        with torch.no_grad():
+            y = b["reward"] + args.gamma * (1.0 - b["done"]) * mixer_t(v_t(x2).squeeze(-1), s2)
+            q_tgt = q_t(x, a)
+            w_tgt, _ = mixer_t.weights(s)
+        q_tot = mixer(q(x, a), s)
+        q_loss = F.mse_loss(q_tot, y)
+        # Eq. O3: implicit local value objective (target Q and target mixer weights, gradient into V only)
+        v_i = v(x).squeeze(-1)
+        v_loss = omiga_v_loss(q_tgt, v_i, w_tgt, args.alpha, args.z_max, args.official_v_loss)
+        # Eq. O4: weighted behaviour cloning, weights exp(w_i (Q_i - V_i) / alpha)
+        weight = omiga_policy_weights(q_tgt, v_i.detach(), w_tgt, args.alpha, args.weight_clip)
+        pi_loss = -(weight * policy.log_prob(x, a, b["avail"])).mean()
+        for loss, key, params in ((pi_loss, "policy", policy.parameters()), (q_loss, "q", q_params),
+                                  (v_loss, "v", v.parameters())):
+            opt[key].zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt[key].step()
+        polyak(q_t, q, args.tau)
+        polyak(v_t, v, args.tau)
+        polyak(mixer_t, mixer, args.tau)
+        return {"losses/q": q_loss.detach(), "losses/v": v_loss.detach(), "losses/policy": pi_loss.detach(),
+                "charts/q_tot": q_tot.detach().mean(), "charts/v_mean": v_i.detach().mean(),
+                "charts/weight_mean": weight.mean(), "charts/weight_max": weight.max(),
+                "charts/mixer_w_mean": w_tgt.mean()}
+
+    act_fn = make_act_fn(policy, device, args.eval_sample, args.seed)
+    eval_seed = 10_000 * (args.seed + 1)
+
+    def checkpoint(step: int) -> None:
+        run.save(dict(algo=ALGO, args=dataclasses.asdict(args), meta=dims, step=step, nets=nets.state_dict(),
+                      opt={k: o.state_dict() for k, o in opt.items()}, rng=rng_state(),
+                      data_rng=data.generator.get_state()))
+
+    last_eval = None
+    t0, step0 = time.time(), step
+    pbar = tqdm(total=args.total_steps, initial=step, desc=ALGO, mininterval=2.0, dynamic_ncols=True)
+    while step < args.total_steps:
+        info = update(data.sample(args.batch_size))
+        step += 1
+        pbar.update(1)
+        if step % args.log_every == 0:
+            run.log(step, {**info, "charts/updates_per_s": (step - step0) / max(time.time() - t0, 1e-9)})
+        if step % args.eval_every == 0 or step == args.total_steps:
+            res = evaluate(env, act_fn, args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
+            run.log_eval(step, res)
+            last_eval = res["return_mean"]
+            pbar.set_postfix(eval=f"{last_eval:.3f}")
+            checkpoint(step)
+    pbar.close()
+    wall = time.time() - t0
+    final = evaluate(env, act_fn, args.final_eval_episodes, seed=eval_seed + 1, n_envs=args.eval_envs)
+    run.log_final(step, final)
+    summary = dict(return_mean=final["return_mean"], return_std=final["return_std"], win_rate=final["win_rate"],
+                   steps=step, updates_per_s=(step - step0) / max(wall, 1e-9), wall_s=wall, run_dir=str(run.dir))
+    run.finish(summary)
+    run.close()
+    return summary
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main(tyro.cli(Args))

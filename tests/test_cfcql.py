@@ -1,0 +1,150 @@
+"""CFCQL: the counterfactual sweep, its reduction to per-agent CQL under an additive mixer, the
+softmax-temperature agent weights, the monotonic mixer, learning a separable game, smoke runs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from _baselines_common import (env_or_skip, fake_continuous_dataset, fake_smac_dataset, install_fakes, load_script,
+                               matrix_dataset, one_thread, resume_is_exact, rollout_dataset, separable_matrix,
+                               smoke_resume_eval)
+
+cfcql = load_script("cfcql")
+cql = load_script("cql")
+_one_thread = pytest.fixture(autouse=True)(one_thread)
+
+
+def _batch(B=6, N=3, K=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q_all = torch.randn(B, N, K, generator=g) * 2
+    avail = torch.rand(B, N, K, generator=g) < 0.7
+    a = torch.multinomial(avail.float().view(-1, K) + 1e-9, 1, generator=g).view(B, N)
+    avail.scatter_(-1, a[..., None], True)
+    return q_all, avail, a
+
+
+@torch.no_grad()
+def test_counterfactual_sweep_replaces_one_agent_at_a_time():
+    torch.manual_seed(0)
+    B, N, K, S = 2, 3, 4, 5
+    mixer = cfcql.QMixer(S, N, 8, 16)
+    q_all, _, a = _batch(B, N, K)
+    s = torch.randn(B, S)
+    q_data = q_all.gather(-1, a[..., None])[..., 0]
+    cf = cfcql.counterfactual_q_tot(q_all, q_data, lambda v: mixer(v, s))
+    for b in range(B):
+        for i in range(N):
+            for k in range(K):
+                v = q_data[b].clone()
+                v[i] = q_all[b, i, k]
+                assert cf[b, i, k].item() == pytest.approx(mixer(v[None], s[b:b + 1])[0].item(), rel=1e-5, abs=1e-6)
+    # at the dataset action the sweep gives back Q_tot(s, a^D)
+    np.testing.assert_allclose(cf.gather(-1, a[..., None])[..., 0], mixer(q_data, s)[:, None].expand(B, N), rtol=1e-5)
+
+
+def test_reduces_to_per_agent_cql_when_the_mixer_is_additive():
+    q_all, avail, a = _batch()
+    N = q_all.shape[1]
+    q_data = q_all.gather(-1, a[..., None])[..., 0]
+    cf = cfcql.counterfactual_q_tot(q_all, q_data, lambda v: v.sum(-1))
+    per_agent = cfcql.log_mean_exp(q_all, avail) - q_data  # CQL penalty of each Q_i on its own
+    uniform = torch.full_like(q_data, 1.0 / N)
+    pen = cfcql.cfcql_penalty(cf, q_data.sum(-1), uniform, avail)
+    np.testing.assert_allclose(pen, per_agent.mean(-1), rtol=1e-5, atol=1e-6)
+    # ... = (1/N) x CQL-MA's joint penalty with unit weights
+    np.testing.assert_allclose(pen, cql.cql_penalty_discrete(q_all, a, avail, torch.ones_like(q_data)) / N, rtol=1e-5, atol=1e-6)
+    # any agent weights lambda: the lambda-weighted sum of the per-agent penalties
+    lam = torch.softmax(torch.randn_like(q_data), -1)
+    np.testing.assert_allclose(cfcql.cfcql_penalty(cf, q_data.sum(-1), lam, avail), (lam * per_agent).sum(-1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_penalty_zero_when_q_tot_ignores_the_swept_action_and_positive_when_it_prefers_ood():
+    B, N, K = 3, 2, 4
+    avail = torch.ones(B, N, K, dtype=torch.bool)
+    lam = torch.full((B, N), 0.5)
+    q_tot = torch.full((B,), 1.3)
+    assert cfcql.cfcql_penalty(torch.full((B, N, K), 1.3), q_tot, lam, avail).abs().max() < 1e-6
+    cf = torch.full((B, N, K), 1.3)
+    cf[..., 1:] = 3.0  # dataset action is 0
+    assert (cfcql.cfcql_penalty(cf, q_tot, lam, avail) > 0.5).all()
+
+
+def test_agent_weights_softmax_temperature():
+    dev = torch.tensor([[0.1, 2.0, 0.5], [1.0, 1.0, 1.0]])
+    np.testing.assert_allclose(cfcql.agent_weights(dev, 0.0), torch.full((2, 3), 1 / 3))
+    w = cfcql.agent_weights(dev, 5.0)
+    np.testing.assert_allclose(w.sum(-1), torch.ones(2), rtol=1e-6)
+    assert w[0].argmax() == 1 and w[0, 1] > w[0, 2] > w[0, 0]
+    np.testing.assert_allclose(w[1], torch.full((3,), 1 / 3), rtol=1e-6)
+    np.testing.assert_allclose(cfcql.agent_weights(dev, 1e4)[0], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+    np.testing.assert_allclose(w[0], torch.exp(5 * dev[0]) / torch.exp(5 * dev[0]).sum(), rtol=1e-6)
+
+
+def test_counterfactual_kl():
+    q_all, avail, _ = _batch()
+    logmu = torch.log_softmax(q_all.masked_fill(~avail, float("-inf")), -1)
+    same = cfcql.counterfactual_kl(q_all, logmu.clamp(min=-1e9), avail)
+    np.testing.assert_allclose(same, torch.zeros_like(same), atol=1e-5)
+    uniform = torch.log(avail.float() / avail.sum(-1, keepdim=True)).clamp(min=-1e9)
+    kl = cfcql.counterfactual_kl(q_all, uniform, avail)
+    # KL(mu || uniform over m actions) = log m - H(mu)
+    ent = -(logmu.exp() * logmu.masked_fill(~avail, 0)).sum(-1)
+    np.testing.assert_allclose(kl, torch.log(avail.sum(-1).float()) - ent, rtol=1e-5, atol=1e-6)
+    assert (kl >= -1e-6).all()
+
+
+def test_qmix_mixer_is_monotonic_in_every_agent_value():
+    torch.manual_seed(0)
+    mixer = cfcql.QMixer(4, 3, 8, 16)
+    q = torch.randn(64, 7, 3, requires_grad=True)
+    mixer(q, torch.randn(64, 4)).sum().backward()
+    assert (q.grad >= 0).all() and q.grad.shape == (64, 7, 3)
+
+
+def test_learns_the_optimum_of_a_separable_game(monkeypatch, tmp_path):
+    separable_matrix(monkeypatch)
+    data = matrix_dataset(tmp_path / "data", [(0, 0), (0, 1), (1, 0), (1, 1)], task="separable")
+    s = cfcql.main(cfcql.Args(env="matrix", task="separable", quality="test", dataset=str(data), device="cpu",
+                              total_steps=200, batch_size=64, hidden=64, lr=3e-3, gamma=0.5, cql_alpha=1.0,
+                              behaviour_steps=100, target_update_interval=20, eval_every=300, eval_episodes=1,
+                              final_eval_episodes=1, eval_envs=1, run_dir=str(tmp_path / "run")))
+    assert s["return_mean"] / 50 == pytest.approx(1.5)  # behaviour policy: 0.75 a step
+
+
+def test_smoke_matrix(tmp_path):
+    data = matrix_dataset(tmp_path / "data", [(0, 1), (1, 0)])
+    smoke_resume_eval(cfcql, tmp_path, data, "matrix", "penalty_xor", behaviour_steps=5, target_update_interval=2)
+
+
+def test_smoke_smac_standin_and_exact_resume(monkeypatch, tmp_path):
+    install_fakes(monkeypatch)
+    data = fake_smac_dataset(tmp_path / "data")
+    smoke_resume_eval(cfcql, tmp_path / "smoke", data, "smacv1", "3m", behaviour_steps=5)
+    resume_is_exact(cfcql, tmp_path / "resume", data, "smacv1", "3m", behaviour_steps=5, target_update_interval=2)
+
+
+def test_smoke_bridge(tmp_path):
+    env_or_skip("bridge", "hard")
+    data = rollout_dataset(tmp_path / "data", "bridge", "hard")
+    smoke_resume_eval(cfcql, tmp_path, data, "bridge", "hard", behaviour_steps=5, softmax_temp=0.0)
+
+
+def test_smoke_mamujoco_and_exact_resume(monkeypatch, tmp_path):
+    try:
+        env_or_skip("mamujoco", "Hopper-3x1")
+        data = rollout_dataset(tmp_path / "data", "mamujoco", "Hopper-3x1", episodes=2, max_steps=20)
+        env, task = "mamujoco", "Hopper-3x1"
+    except pytest.skip.Exception:
+        install_fakes(monkeypatch)
+        data, env, task = fake_continuous_dataset(tmp_path / "data"), "mamujoco", "Toy-2x2"
+    smoke_resume_eval(cfcql, tmp_path / "smoke", data, env, task, behaviour_steps=5, n_action_samples=3)
+    resume_is_exact(cfcql, tmp_path / "resume", data, env, task, behaviour_steps=5, n_action_samples=3)
+
+
+def test_smoke_rware(tmp_path):
+    env_or_skip("rware", "tiny-2ag")
+    data = rollout_dataset(tmp_path / "data", "rware", "tiny-2ag", episodes=2, episode_limit=20)
+    smoke_resume_eval(cfcql, tmp_path, data, "rware", "tiny-2ag", behaviour_steps=5)
