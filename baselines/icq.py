@@ -339,16 +339,18 @@ class ActFn:
         return torch.tanh(mu).cpu().numpy()
 
 
-def load_policy(checkpoint: str, device: str = "cpu") -> ActFn:
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None) -> ActFn:
     """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run (stateful: it
-    has ``reset(mask)``); its ``meta`` attribute is the dataset meta (to rebuild the environment)."""
+    has ``reset(mask)``; ``sample``: sampled actions, None: as the run was evaluated); its ``meta``
+    attribute is the dataset meta (to rebuild the environment)."""
     ck = load_checkpoint(checkpoint, map_location=device)
     if ck.get("algo") != ALGO:
         raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not an {ALGO} one")
     args = Args(**ck["args"])
     nets = build_networks(args, ck["meta"]).to(device)
     nets.load_state_dict(ck["nets"])
-    return ActFn(nets["policy"].eval(), torch.device(device), args.eval_sample, args.seed, ck["meta"])
+    return ActFn(nets["policy"].eval(), torch.device(device), args.eval_sample if sample is None else sample, args.seed,
+                 ck["meta"])
 
 
 # ======================================================================= main
@@ -362,7 +364,7 @@ def eval_only(args: Args) -> dict[str, Any]:
     if not args.checkpoint:
         raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
     device = resolve_device(args.device)
-    act_fn = load_policy(args.checkpoint, str(device))
+    act_fn = load_policy(args.checkpoint, str(device), args.eval_sample)
     env = make_env_for(act_fn.meta)
     res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1), n_envs=args.eval_envs)
     print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"

@@ -106,6 +106,9 @@ class Args:
     """returns-to-go are divided by this; None: the largest absolute episode return in the dataset"""
     target_return: float | None = None
     """return the students are conditioned on at evaluation; None: the best episode return in the dataset"""
+    eval_sample: bool = False
+    """discrete: evaluate with actions sampled from the predicted policy instead of its mode
+    (AlberDICE's protocol on the matrix games and Bridge); continuous predictions are deterministic"""
     eval_envs: int = 10
     """environments stepped side by side during evaluation"""
     log_every: int = 500
@@ -251,9 +254,11 @@ class ActFn:
     (Eq. K3). ``centralised=True`` acts with the teacher (it reads every agent's observation)."""
 
     def __init__(self, model: DecisionTransformer, dims: dict[str, Any], context_len: int, rtg_scale: float,
-                 target_return: float, device: torch.device, centralised: bool = False, meta: dict | None = None):
+                 target_return: float, device: torch.device, centralised: bool = False, meta: dict | None = None,
+                 sample: bool = False, seed: int = 0):
         self.model, self.dims, self.K, self.device = model, dims, context_len, device
         self.scale, self.target, self.centralised, self.meta = rtg_scale, target_return, centralised, meta
+        self.sample, self.gen = sample, torch.Generator(device).manual_seed(seed)
         self.E = 0
 
     def _alloc(self, E: int) -> None:
@@ -301,16 +306,23 @@ class ActFn:
         run = run_teacher if self.centralised else run_students
         _, out = run(self.model, self.rtg, self.obs, self.act, self.t)
         out = out[rows, pos]  # [E, N, K|A]
-        a = out.masked_fill(~av, -1e10).argmax(-1) if self.dims["discrete"] else out
+        if not self.dims["discrete"]:
+            a = out
+        elif self.sample:
+            probs = torch.softmax(out.masked_fill(~av, -1e10), -1)
+            a = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=self.gen).reshape(probs.shape[:-1])
+        else:
+            a = out.masked_fill(~av, -1e10).argmax(-1)
         self.act[rows, pos] = a
         self.len += 1
         self.ep_t += 1
         return a.cpu().numpy()
 
 
-def load_policy(checkpoint: str, device: str = "cpu") -> ActFn:
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None) -> ActFn:
     """The students' ``act_fn`` of a saved run, conditioned on the run's target return (stateful:
-    ``reset(mask)``, ``observe_reward(r)``); its ``meta`` attribute is the dataset meta."""
+    ``reset(mask)``, ``observe_reward(r)``; ``sample``: sampled discrete actions, None: as the run
+    was evaluated); its ``meta`` attribute is the dataset meta."""
     ck = load_checkpoint(checkpoint, map_location=device)
     if ck.get("algo") != ALGO:
         raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not a {ALGO} one")
@@ -319,7 +331,7 @@ def load_policy(checkpoint: str, device: str = "cpu") -> ActFn:
     nets.load_state_dict(ck["nets"])
     m = ck["meta"]
     return ActFn(nets["student"], m, args.context_len, m["rtg_scale"], m["target_return"], torch.device(device),
-                 meta=m)
+                 meta=m, sample=args.eval_sample if sample is None else sample, seed=args.seed)
 
 
 # ======================================================================= main
@@ -333,7 +345,7 @@ def eval_only(args: Args) -> dict[str, Any]:
     if not args.checkpoint:
         raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
     device = resolve_device(args.device)
-    act_fn = load_policy(args.checkpoint, str(device))
+    act_fn = load_policy(args.checkpoint, str(device), args.eval_sample)
     if args.target_return is not None:
         act_fn.target = args.target_return
     env = make_env_for(act_fn.meta)
@@ -420,7 +432,8 @@ def main(args: Args) -> dict[str, Any]:
     eval_seed = 10_000 * (args.seed + 1)
 
     def act_fn_for(centralised: bool) -> ActFn:
-        return ActFn(teacher if centralised else student, dims, K, rtg_scale, target, device, centralised)
+        return ActFn(teacher if centralised else student, dims, K, rtg_scale, target, device, centralised,
+                     sample=args.eval_sample, seed=args.seed)
 
     def checkpoint(step: int) -> None:
         run.save(dict(algo=ALGO, args=dataclasses.asdict(args), meta=dims, step=step, nets=nets.state_dict(),

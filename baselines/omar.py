@@ -109,6 +109,9 @@ class Args:
     """refit to the elites' mean and std (reference MaMuJoCo), or to the exp(Q)-weighted mean (reference MPE)"""
     action_l2: float = 1e-3
     """weight of the actor's action-magnitude penalty mean(pi(o)^2) (reference: 1e-3; continuous)"""
+    eval_sample: bool = False
+    """discrete: evaluate with actions sampled from the categorical policy instead of its mode
+    (AlberDICE's protocol on the matrix games and Bridge); continuous actors are deterministic"""
     eval_envs: int = 10
     """environments stepped side by side during evaluation"""
     log_every: int = 1000
@@ -240,27 +243,35 @@ def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
     return nets
 
 
-def make_act_fn(actor: Actor, device: torch.device):
+def make_act_fn(actor: Actor, device: torch.device, sample: bool = False, seed: int = 0):
+    gen = torch.Generator(device).manual_seed(seed)
+
     @torch.no_grad()
     def act_fn(obs, state, avail):
         x = with_agent_id(torch.as_tensor(obs, dtype=torch.float32, device=device))
         if actor.discrete:
-            return actor(x, torch.as_tensor(avail, dtype=torch.bool, device=device)).argmax(-1).cpu().numpy()
+            probs = actor(x, torch.as_tensor(avail, dtype=torch.bool, device=device))
+            if not sample:
+                return probs.argmax(-1).cpu().numpy()
+            flat = probs.reshape(-1, probs.shape[-1])
+            return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1]).cpu().numpy()
         return actor(x).cpu().numpy()
 
     return act_fn
 
 
-def load_policy(checkpoint: str, device: str = "cpu"):
-    """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run; its ``meta``
-    attribute is the dataset meta (to rebuild the environment)."""
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None):
+    """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run (``sample``:
+    sampled discrete actions; None: as the run was evaluated); its ``meta`` attribute is the dataset
+    meta (to rebuild the environment)."""
     ck = load_checkpoint(checkpoint, map_location=device)
     if ck.get("algo") != ALGO:
         raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not an {ALGO} one")
     args = Args(**ck["args"])
     nets = build_networks(args, ck["meta"]).to(device)
     nets.load_state_dict(ck["nets"])
-    act_fn = make_act_fn(nets["actor"].eval(), torch.device(device))
+    act_fn = make_act_fn(nets["actor"].eval(), torch.device(device), args.eval_sample if sample is None else sample,
+                         args.seed)
     act_fn.meta = ck["meta"]
     return act_fn
 
@@ -282,7 +293,7 @@ def eval_only(args: Args) -> dict[str, Any]:
     if not args.checkpoint:
         raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
     device = resolve_device(args.device)
-    act_fn = load_policy(args.checkpoint, str(device))
+    act_fn = load_policy(args.checkpoint, str(device), args.eval_sample)
     env = make_env_for(act_fn.meta)
     res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1), n_envs=args.eval_envs)
     print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
@@ -393,7 +404,7 @@ def main(args: Args) -> dict[str, Any]:
                 "charts/pi_hat": (probs.detach() * a_hat).sum(-1).mean()}
 
     update = update_discrete if disc else update_continuous
-    act_fn = make_act_fn(actor, device)
+    act_fn = make_act_fn(actor, device, args.eval_sample, args.seed)
     eval_seed = 10_000 * (args.seed + 1)
 
     def checkpoint(step: int) -> None:

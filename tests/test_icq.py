@@ -144,7 +144,7 @@ def test_smoke_matrix_and_exact_resume(tmp_path):
 
 def test_smoke_bridge_windows(tmp_path):
     data = random_data(tmp_path / "data", "bridge", "hard", episode_limit=12)
-    smoke_resume_eval(icq, tmp_path, data, "bridge", "hard", seq_len=4, **SMALL)
+    smoke_resume_eval(icq, tmp_path, data, "bridge", "hard", seq_len=4, eval_sample=True, **SMALL)
 
 
 def test_smoke_smac_standin(monkeypatch, tmp_path):

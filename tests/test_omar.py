@@ -108,7 +108,7 @@ def test_smoke_matrix_and_exact_resume(tmp_path):
 
 def test_smoke_bridge(tmp_path):
     data = random_data(tmp_path / "data", "bridge", "hard", episode_limit=12)
-    smoke_resume_eval(omar, tmp_path, data, "bridge", "hard", **SMALL)
+    smoke_resume_eval(omar, tmp_path, data, "bridge", "hard", eval_sample=True, **SMALL)
 
 
 def test_smoke_smac_standin(monkeypatch, tmp_path):
