@@ -161,6 +161,34 @@ def test_act_fn_conditions_on_the_return_to_go_as_training_does():
     assert fn.len.item() == 0 and fn.cur_rtg.item() == pytest.approx(target / scale)
 
 
+def test_evaluate_and_collect_feed_rewards_to_return_conditioned_policies():
+    """common.envs.evaluate and common.collect.rollout call observe_reward after every step, with the
+    rewards of exactly the steps taken, and reset at episode starts before the first action."""
+    from common.collect import rollout
+    from common.envs import evaluate, make_env
+
+    class Recorder:
+        def __init__(self):
+            self.seen, self.resets = 0.0, 0
+
+        def reset(self, mask):
+            self.resets += int(np.sum(mask))
+
+        def observe_reward(self, r):
+            self.seen += float(np.sum(r))
+
+        def __call__(self, obs, state, avail):
+            return np.tile([0, 1], (obs.shape[0], 1))  # (A, B): +1 a step in Penalty-XOR
+
+    env = make_env("matrix", "penalty_xor", episode_limit=7)
+    rec = Recorder()
+    res = evaluate(env, rec, episodes=5, n_envs=2)
+    assert rec.seen == pytest.approx(sum(res["returns"])) == 35.0 and rec.resets == 5
+    rec = Recorder()
+    eps = rollout(env, rec, 3, n_envs=2, progress=False)
+    assert rec.seen == pytest.approx(sum(float(e["reward"].sum()) for e in eps)) == 21.0 and rec.resets == 3
+
+
 def test_smoke_matrix_and_exact_resume(tmp_path):
     data = matrix_data(tmp_path / "data", [(0, 1), (1, 0)])
     smoke_resume_eval(madtkd, tmp_path / "smoke", data, "matrix", "penalty_xor", **SMALL)
