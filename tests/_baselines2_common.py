@@ -16,6 +16,7 @@ import torch
 
 from common import collect, envs
 from common.data import OfflineDataset
+from common.envs import MultiAgentEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,3 +114,36 @@ def resume_is_exact(mod, tmp_path: Path, dataset: Path, env: str, task: str, **o
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
+class ContinuousBandit(MultiAgentEnv):
+    """One-step continuous game: 2 agents, 1-D actions, constant observations; the team reward is
+    -(a_0 - 0.5)^2 - (a_1 + 0.3)^2, so the best joint action is (0.5, -0.3)."""
+
+    n_agents, obs_dim, state_dim, discrete, act_dim, episode_limit = 2, 2, 2, False, 1, 1
+    best = np.array([0.5, -0.3], np.float32)
+
+    def __init__(self, task: str = "one_step"):
+        self._o = np.array([1.0, 0.0], np.float32)
+
+    def reset(self, seed=None):
+        return np.stack([self._o, self._o]), self._o.copy(), np.ones((2, 1), bool)
+
+    def step(self, actions):
+        a = np.asarray(actions, np.float32).reshape(2)
+        r = -float(((a - self.best) ** 2).sum())
+        return np.stack([self._o, self._o]), self._o.copy(), np.ones((2, 1), bool), r, True, False, {}
+
+
+def continuous_bandit(monkeypatch, path: Path, episodes: int = 256, seed: int = 0) -> Path:
+    """Register env ``cbandit`` and write ``episodes`` one-step episodes with uniform actions."""
+    monkeypatch.setitem(envs.FAMILIES, "cbandit", (lambda task, **o: ContinuousBandit(task, **o), None))
+    rng, env, eps = np.random.default_rng(seed), ContinuousBandit(), []
+    for _ in range(episodes):
+        o, s, _ = env.reset()
+        a = rng.uniform(-1, 1, (2, 1)).astype(np.float32)
+        o2, s2, _, r, *_ = env.step(a)
+        eps.append(dict(obs=np.stack([o, o2]), state=np.stack([s, s2]), actions=a[None], reward=np.array([r], np.float32),
+                        terminated=True))
+    OfflineDataset.from_episodes(eps, dict(env="cbandit", task="one_step", quality="test", source="tests")).save(path)
+    return path

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _baselines2_common import (env_or_skip, install_fake_smac, load_script, matrix_data, one_thread, random_data,
+from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data, one_thread, random_data,
                                 resume_is_exact, smoke_resume_eval)
 from common import envs
 from common.data import OfflineDataset
@@ -130,10 +130,21 @@ def test_learns_the_optimum_of_a_separable_game(monkeypatch, tmp_path):
     monkeypatch.setitem(envs.FAMILIES, "matrix", (envs.FAMILIES["matrix"][0], tuple(payoffs)))
     data = matrix_data(tmp_path / "data", [(0, 0), (0, 1), (1, 0), (1, 1)], task="separable", episodes=40)
     s = icq.main(icq.Args(env="matrix", task="separable", quality="test", dataset=str(data), device="cpu",
-                          total_steps=300, batch_size=16, hidden=32, rnn_hidden=16, lr_actor=3e-3, lr_critic=3e-3,
-                          gamma=0.5, target_update_interval=20, alpha_actor=0.05, eval_every=300, eval_episodes=1,
+                          total_steps=150, batch_size=8, hidden=32, rnn_hidden=16, lr_actor=1e-2, lr_critic=5e-3,
+                          gamma=0.5, target_update_interval=20, alpha_actor=0.05, eval_every=150, eval_episodes=1,
                           final_eval_episodes=1, eval_envs=1, run_dir=str(tmp_path / "run")))
     assert s["return_mean"] / 5 == pytest.approx(1.5)
+
+
+def test_continuous_actions_learn_the_best_action_of_a_one_step_game(monkeypatch, tmp_path):
+    """Reward -(a_0 - 0.5)^2 - (a_1 + 0.3)^2, data actions uniform on [-1, 1]^2: the best joint
+    action returns 0, the data's mean is -0.83."""
+    data = continuous_bandit(monkeypatch, tmp_path / "data")
+    s = icq.main(icq.Args(env="cbandit", task="one_step", quality="test", dataset=str(data), device="cpu",
+                          total_steps=250, batch_size=64, hidden=32, rnn_hidden=32, lr_actor=3e-3, lr_critic=3e-3,
+                          target_update_interval=20, eval_every=250, eval_episodes=1, final_eval_episodes=1,
+                          eval_envs=1, run_dir=str(tmp_path / "run")))
+    assert s["return_mean"] > -0.02
 
 
 def test_smoke_matrix_and_exact_resume(tmp_path):

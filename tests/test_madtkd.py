@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from _baselines2_common import (env_or_skip, install_fake_smac, load_script, matrix_data, one_thread, random_data,
+from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data, one_thread, random_data,
                                 resume_is_exact, smoke_resume_eval)
 from common.collect import bridge_optimal_dataset
 from common.data import OfflineDataset
@@ -187,6 +187,17 @@ def test_evaluate_and_collect_feed_rewards_to_return_conditioned_policies():
     rec = Recorder()
     eps = rollout(env, rec, 3, n_envs=2, progress=False)
     assert rec.seen == pytest.approx(sum(float(e["reward"].sum()) for e in eps)) == 21.0 and rec.resets == 3
+
+
+def test_continuous_actions_learn_the_best_action_of_a_one_step_game(monkeypatch, tmp_path):
+    """Reward -(a_0 - 0.5)^2 - (a_1 + 0.3)^2, data actions uniform on [-1, 1]^2: the best joint
+    action returns 0, the data's mean is -0.83."""
+    data = continuous_bandit(monkeypatch, tmp_path / "data")
+    s = madtkd.main(madtkd.Args(env="cbandit", task="one_step", quality="test", dataset=str(data), device="cpu",
+                                total_steps=300, teacher_steps=150, batch_size=64, context_len=1, embed_dim=32,
+                                n_layers=1, n_heads=2, dropout=0.0, lr=3e-3, warmup_steps=10, eval_every=300,
+                                eval_episodes=1, final_eval_episodes=1, eval_envs=1, run_dir=str(tmp_path / "run")))
+    assert s["return_mean"] > -0.02
 
 
 def test_smoke_matrix_and_exact_resume(tmp_path):
