@@ -121,7 +121,8 @@ class Args:
 
 
 # ============================================================== pure functions
-def icq_weights(x: torch.Tensor, alpha: float, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+def icq_weights(x: torch.Tensor, alpha: float, mask: torch.Tensor,
+                dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """The implicit-constraint weights exp(x/alpha)/Z with Z estimated on the batch: a softmax of
     x/alpha over the entries where ``mask`` is true (along ``dim``, default all of them). They are
     non-negative, zero where ``mask`` is false, sum to one over the batch and grow with x."""
@@ -307,7 +308,8 @@ class ActFn:
     """A stateful ``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` for evaluation:
     it keeps each environment's GRU state and ``reset(mask [E])`` clears it at episode starts."""
 
-    def __init__(self, policy: Policy, device: torch.device, sample: bool, seed: int, meta: dict[str, Any] | None = None):
+    def __init__(self, policy: Policy, device: torch.device, sample: bool, seed: int,
+                 meta: dict[str, Any] | None = None):
         self.policy, self.device, self.sample, self.meta = policy, device, sample, meta
         self.gen = torch.Generator(device).manual_seed(seed)
         self.h: torch.Tensor | None = None

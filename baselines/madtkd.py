@@ -159,7 +159,8 @@ def distillation_losses(s_out: torch.Tensor, t_out: torch.Tensor, s_feat: torch.
     return {"action": action, "feature": feature, "relation": relation}
 
 
-def bc_loss(out: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor, mask: torch.Tensor, discrete: bool) -> torch.Tensor:
+def bc_loss(out: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor, mask: torch.Tensor,
+            discrete: bool) -> torch.Tensor:
     """Eq. K1: the data's actions under the predicted policy (discrete: cross-entropy over the
     available actions; continuous: squared error of the predicted action), mean over valid steps."""
     m = mask.float()
@@ -455,7 +456,8 @@ def main(args: Args) -> dict[str, Any]:
             nets.eval()
             if in_teacher:  # the centralised teacher's return, for reference (not in metrics.json)
                 res = evaluate(env, act_fn_for(True), args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
-                run.log(step, {"eval/teacher_return_mean": res["return_mean"], "eval/teacher_win_rate": res["win_rate"]})
+                run.log(step, {"eval/teacher_return_mean": res["return_mean"],
+                               "eval/teacher_win_rate": res["win_rate"]})
             else:
                 res = evaluate(env, act_fn_for(False), args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
                 run.log_eval(step, res)

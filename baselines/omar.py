@@ -165,7 +165,8 @@ def cem_search(q_fn, shape: tuple[int, ...], act_dim: int, iters: int, samples: 
             pool_q.gather(0, best[None])[0])
 
 
-def rectification_target(a_pi: torch.Tensor, q_pi: torch.Tensor, a_cem: torch.Tensor, q_cem: torch.Tensor) -> torch.Tensor:
+def rectification_target(a_pi: torch.Tensor, q_pi: torch.Tensor, a_cem: torch.Tensor,
+                         q_cem: torch.Tensor) -> torch.Tensor:
     """Eq. M3's target: the optimiser's best action where the critic rates it above the policy's own
     action, else the policy's action (so the pull never points to a worse action)."""
     return torch.where((q_cem > q_pi).unsqueeze(-1), a_cem, a_pi).detach()
@@ -237,7 +238,8 @@ def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
     n, disc = dims["n_agents"], dims["discrete"]
     inp = dims["obs_dim"] + n
     k, ad = dims.get("n_actions", 1), dims.get("act_dim", 1)
-    nets = nn.ModuleDict(dict(critic=TwinCritic(inp, k, ad, args.hidden, disc), actor=Actor(inp, k, ad, args.hidden, disc)))
+    nets = nn.ModuleDict(dict(critic=TwinCritic(inp, k, ad, args.hidden, disc),
+                              actor=Actor(inp, k, ad, args.hidden, disc)))
     for name in ("critic", "actor"):
         nets[name + "_target"] = copy.deepcopy(nets[name]).requires_grad_(False)
     return nets

@@ -75,7 +75,8 @@ def matrix_data(path: Path, joint: list[tuple[int, int]], task: str = "penalty_x
     eps = []
     for _ in range(episodes):
         acts = np.array(joint)[rng.integers(0, len(joint), horizon)]
-        eps.append(dict(obs=np.broadcast_to(o, (horizon + 1, 2, 4)).copy(), state=np.broadcast_to(o, (horizon + 1, 4)).copy(),
+        eps.append(dict(obs=np.broadcast_to(o, (horizon + 1, 2, 4)).copy(),
+                        state=np.broadcast_to(o, (horizon + 1, 4)).copy(),
                         actions=acts, reward=envs.PAYOFFS[task][acts[:, 0], acts[:, 1]].astype(np.float32),
                         terminated=False))
     meta = dict(env="matrix", task=task, quality="test", n_actions=2, source="tests",
@@ -143,7 +144,7 @@ def continuous_bandit(monkeypatch, path: Path, episodes: int = 256, seed: int = 
         o, s, _ = env.reset()
         a = rng.uniform(-1, 1, (2, 1)).astype(np.float32)
         o2, s2, _, r, *_ = env.step(a)
-        eps.append(dict(obs=np.stack([o, o2]), state=np.stack([s, s2]), actions=a[None], reward=np.array([r], np.float32),
-                        terminated=True))
+        eps.append(dict(obs=np.stack([o, o2]), state=np.stack([s, s2]), actions=a[None],
+                        reward=np.array([r], np.float32), terminated=True))
     OfflineDataset.from_episodes(eps, dict(env="cbandit", task="one_step", quality="test", source="tests")).save(path)
     return path

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data, one_thread, random_data,
-                                resume_is_exact, smoke_resume_eval)
+from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data,
+                                one_thread, random_data, resume_is_exact, smoke_resume_eval)
 from common import envs
 from common.data import OfflineDataset
 
@@ -86,7 +86,8 @@ def test_implicit_constraint_weights_enter_the_target():
     and 10, 20 (B); rho = 5 exp(Q/10) / (2e + 2e^2 + e^3). A window of the first two steps of A
     (--seq-len 1) bootstraps step 0 from its next dataset action only: G0 = 1 + rho(20) 20 / 2."""
     b = dict(mask=torch.tensor([[True, True, True], [True, True, False]]),
-             reward=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]]), done=torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+             reward=torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]]),
+             done=torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
     q = torch.tensor([[10.0, 20.0, 30.0, 0.0], [10.0, 20.0, 0.0, 0.0]])
     v = torch.full((2, 4), 50.0)
     z = 2 * math.e + 2 * math.e ** 2 + math.e ** 3

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data, one_thread, random_data,
-                                resume_is_exact, smoke_resume_eval)
+from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data,
+                                one_thread, random_data, resume_is_exact, smoke_resume_eval)
 from common.collect import bridge_optimal_dataset
 from common.data import OfflineDataset
 

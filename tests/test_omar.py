@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data, one_thread, random_data,
-                                resume_is_exact, smoke_resume_eval)
+from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data,
+                                one_thread, random_data, resume_is_exact, smoke_resume_eval)
 from common import envs
 
 omar = load_script("omar")
@@ -37,7 +37,8 @@ def test_cem_finds_the_maximum_of_a_known_critic():
     # the non-concave critic: most searches land on the global maximum, not the wide local one
     a, q = omar.cem_search(bumps, (256,), 1, iters=2, samples=20, elites=5, mu0=0.0, sigma0=2.0, gen=g)
     assert (q > 0.5).float().mean() > 0.75 and ((a[:, 0] - 0.7).abs() < 0.1).float().mean() > 0.75
-    a, q = omar.cem_search(bumps, (256,), 1, iters=2, samples=20, elites=5, mu0=0.0, sigma0=2.0, update="softmax", gen=g)
+    a, q = omar.cem_search(bumps, (256,), 1, iters=2, samples=20, elites=5, mu0=0.0, sigma0=2.0, update="softmax",
+                           gen=g)
     assert q.mean() > 0.7
 
 
@@ -69,7 +70,7 @@ def _train_actor(coe: float, steps: int = 100) -> float:
 
 def test_rectification_moves_the_actor_to_the_best_sampled_action_where_the_gradient_stays_local():
     assert abs(_train_actor(coe=0.0) - (-0.3)) < 0.05  # policy gradient alone: the local maximum
-    assert abs(_train_actor(coe=0.7) - 0.7) < 0.05  # with the rectification (reference's medium setting): the global one
+    assert abs(_train_actor(coe=0.7) - 0.7) < 0.05  # rectified (the reference's medium setting): the global one
     assert abs(_train_actor(coe=1.0) - 0.7) < 0.05
 
 
@@ -79,7 +80,8 @@ def test_cql_penalties():
     a = torch.tensor([[0]])
     assert omar.cql_penalty_discrete(q_all, a, avail).item() == pytest.approx(math.log(math.e + math.e ** 2) - 1.0)
     # the penalty is non-negative, and zero only when the other available actions are at -infinity
-    assert omar.cql_penalty_discrete(torch.tensor([[[3.0, -50.0, 9.0]]]), a, avail).item() == pytest.approx(0.0, abs=1e-6)
+    q_far = torch.tensor([[[3.0, -50.0, 9.0]]])
+    assert omar.cql_penalty_discrete(q_far, a, avail).item() == pytest.approx(0.0, abs=1e-6)
     # continuous: with M uniform samples on [-1, 1]^d the estimate is log(2^d mean exp Q) - Q(a^D)
     q_s = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(4, 1, 1)
     logp = torch.full((4, 1, 1), -2 * math.log(2.0))
