@@ -87,8 +87,8 @@ class Args:
     td_lambda: float = 0.75
     """lambda of the TD(lambda) critic target (Eq. I3; the reference hard-codes 0.75)"""
     seq_len: int | None = None
-    """transitions per training sequence; None: whole episodes when the longest has at most 200 steps
-    (the reference's SMAC setting), else windows of 20"""
+    """transitions per training sequence; None: whole episodes for a recurrent policy when the longest
+    has at most 200 steps (the reference's SMAC setting), else windows of 20"""
     policy: Literal["auto", "gru", "mlp"] = "auto"
     """policy body: a GRU over each agent's history (reference) or an MLP on the current observation;
     auto: gru for discrete actions, mlp for continuous"""
@@ -387,7 +387,7 @@ def main(args: Args) -> dict[str, Any]:
     disc = dims["discrete"]
     seq_len = args.seq_len
     if seq_len is None:
-        seq_len = 0 if int(data.episode_lengths.max()) <= 200 else 20
+        seq_len = 0 if recurrent(args, disc) and int(data.episode_lengths.max()) <= 200 else 20
     if seq_len < 0:
         raise OfflineMarlError(f"--seq-len must be positive (or omitted for the automatic choice), got {seq_len}")
     nets = build_networks(args, dims).to(device)

@@ -142,9 +142,9 @@ def test_continuous_actions_learn_the_best_action_of_a_one_step_game(monkeypatch
     action returns 0, the data's mean is -0.83."""
     data = continuous_bandit(monkeypatch, tmp_path / "data")
     s = icq.main(icq.Args(env="cbandit", task="one_step", quality="test", dataset=str(data), device="cpu",
-                          total_steps=250, batch_size=64, hidden=32, rnn_hidden=32, lr_actor=3e-3, lr_critic=3e-3,
-                          target_update_interval=20, eval_every=250, eval_episodes=1, final_eval_episodes=1,
-                          eval_envs=1, run_dir=str(tmp_path / "run")))
+                          total_steps=250, batch_size=64, seq_len=1, hidden=32, rnn_hidden=32, lr_actor=3e-3,
+                          lr_critic=3e-3, target_update_interval=20, eval_every=250, eval_episodes=1,
+                          final_eval_episodes=1, eval_envs=1, run_dir=str(tmp_path / "run")))
     assert s["return_mean"] > -0.02
 
 
