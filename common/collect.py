@@ -111,6 +111,8 @@ class NoisyPolicy:
         self.act_fn, self.noise, self.discrete, self.rng = act_fn, float(noise), discrete, rng
         if hasattr(act_fn, "reset"):
             self.reset = act_fn.reset
+        if hasattr(act_fn, "observe_reward"):  # return-conditioned policies (as common.envs.evaluate)
+            self.observe_reward = act_fn.observe_reward
 
     def __call__(self, obs, state, avail):
         a = _to_numpy(self.act_fn(obs, state, avail))
@@ -130,7 +132,9 @@ def rollout(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, *, se
     a dict for ``OfflineDataset.from_episodes``: ``obs [T+1, N, o]``, ``state``,
     ``avail``, ``actions [T, N(, A)]``, ``reward [T]``, ``terminated`` (a true end;
     otherwise the time limit cut it). Episode ``i`` is reset with a seed derived from
-    ``seed`` and ``i``, so the result depends only on ``seed`` and ``n_envs``."""
+    ``seed`` and ``i``, so the result depends only on ``seed`` and ``n_envs``. Stateful
+    policies are driven as by ``common.envs.evaluate``: ``reset(mask)`` at episode starts,
+    ``observe_reward(reward [n])`` after every step."""
     if episodes < 1:
         raise OfflineMarlError(f"--episodes must be at least 1, got {episodes}")
     n = max(1, min(int(n_envs), int(episodes)))
@@ -166,11 +170,13 @@ def rollout(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, *, se
                     act_fn.reset(started.copy())
                 started[:] = False
                 acts = _check_actions(act_fn(obs, state, avail), env, n)
+                rewards = np.zeros(n, np.float32)
                 for i in range(n):
                     if slot[i] < 0:
                         continue
                     o, s, a, r, term, trunc, _ = envs[i].step(acts[i])
                     obs[i], state[i], avail[i] = o, s, a
+                    rewards[i] = r
                     b = bufs[i]
                     b["actions"].append(acts[i].copy())
                     b["reward"].append(float(r))
@@ -184,6 +190,8 @@ def rollout(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, *, se
                             terminated=bool(term))
                         bar.update(1)
                         start(i)
+                if hasattr(act_fn, "observe_reward"):
+                    act_fn.observe_reward(rewards)
     finally:
         for e in envs[1:]:
             e.close()

@@ -599,7 +599,9 @@ class OfflineDataset:
         (observation slots; slot L+1 holds the final observation when the window
         reaches it), ``actions [B, L, N(, A)]``, ``reward``, ``terminal``, ``timeout``,
         ``done`` ``[B, L]``, ``mask [B, L]`` (valid transitions), ``obs_mask [B, L+1]``,
-        and ``start [B]`` (the window starts its episode)."""
+        ``start [B]`` (the window starts its episode) and ``rows [B, L+1]`` (the row of
+        each slot, repeated past the episode's end: per-row data such as returns-to-go
+        or time steps can be gathered with it)."""
         if length is None:
             ep = self._randint(self.n_episodes, (batch_size,))
             start = self._starts()[ep]
@@ -619,7 +621,7 @@ class OfflineDataset:
             m = mask.view(mask.shape + (1,) * (x.dim() - 2))
             out[k] = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
         out["done"] = out["terminal"].float()
-        out.update(mask=mask, obs_mask=obs_mask, start=start == self._starts()[ep])
+        out.update(mask=mask, obs_mask=obs_mask, start=start == self._starts()[ep], rows=idx)
         return out
 
 

@@ -767,7 +767,9 @@ def evaluate(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, seed
     for ``E = n_envs`` environments at once (one batched forward pass); it returns
     ``[E, N]`` integers or ``[E, N, act_dim]`` floats (numpy or torch). If it has a
     ``reset(mask)`` method (recurrent or history-based policies), that is called
-    with a bool mask ``[E]`` of the environments starting a new episode. Episode
+    with a bool mask ``[E]`` of the environments starting a new episode; if it has an
+    ``observe_reward(reward)`` method (return-conditioned policies), that is called
+    after every step with the team rewards ``[E]`` (0 for idle environments). Episode
     ``i`` is reset with seed ``seed + i``. With ``workers=True`` each environment
     runs in its own process (for simulators that dominate the cost).
 
@@ -813,8 +815,10 @@ def evaluate(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, seed
             acts = np.asarray(acts)
             ids = [int(i) for i in np.flatnonzero(active)]
             done = []
+            rewards = np.zeros(n, np.float32)
             for i, (o, s, a, r, term, trunc, info) in envs.call("step", {i: acts[i] for i in ids}).items():
                 obs[i], state[i], avail[i] = o, s, a
+                rewards[i] = r
                 c = cur[i]
                 c[0] += float(r)
                 c[1] += 1
@@ -824,6 +828,8 @@ def evaluate(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, seed
                     lengths.append(c[1])
                     wins.append(c[2])
                     done.append(i)
+            if hasattr(act_fn, "observe_reward"):
+                act_fn.observe_reward(rewards)
             if done:
                 start(done)
     finally:

@@ -1,0 +1,150 @@
+"""Shared helpers of the ICQ, OMAR and MADTKD tests: loading a script by path, tiny datasets of
+every environment family that installs here (SMAC through the stand-in packages of
+test_envs_smac.py), and the train / resume / eval-only round trip."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common import collect, envs
+from common.data import OfflineDataset
+from common.envs import MultiAgentEnv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """Import ``baselines/<name>.py`` by path (the baselines are scripts, not a package)."""
+    key = f"_baseline_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, ROOT / "baselines" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def one_thread():
+    """Generator for an autouse fixture: tiny networks run fastest on one intra-op thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_data(path: Path, env: str, task: str, episodes: int = 4, seed: int = 0, **env_options) -> Path:
+    """``episodes`` uniform-random episodes of env/task (common.collect), saved at ``path``."""
+    collect.random_dataset(env, task, episodes, seed=seed, env_options=env_options, n_envs=2).save(path)
+    return path
+
+
+def env_or_skip(env: str, task: str, **options) -> None:
+    """Skip the calling test when ``env`` is not installed here."""
+    try:
+        envs.make_env(env, task, **options).close()
+    except envs.EnvError as e:
+        pytest.skip(f"{env}/{task} not available: {e}")
+
+
+def install_fake_smac(monkeypatch, tmp_path: Path) -> None:
+    """The stand-in ``smac`` package and a StarCraft II directory with the maps (as test_envs_smac.py)."""
+    from test_envs_smac import FakeStarCraft2Env, game_dir
+
+    top, sub = types.ModuleType("smac"), types.ModuleType("smac.env")
+    sub.StarCraft2Env = FakeStarCraft2Env
+    top.env = sub
+    monkeypatch.setitem(sys.modules, "smac", top)
+    monkeypatch.setitem(sys.modules, "smac.env", sub)
+    monkeypatch.setenv("SC2PATH", str(game_dir(tmp_path)))
+
+
+def matrix_data(path: Path, joint: list[tuple[int, int]], task: str = "penalty_xor", episodes: int = 10,
+                horizon: int = 5, seed: int = 0) -> Path:
+    """Repeated matrix-game episodes whose joint action is drawn uniformly from ``joint``."""
+    rng = np.random.default_rng(seed)
+    o = np.array([0, 1, 0, 1], np.float32)
+    eps = []
+    for _ in range(episodes):
+        acts = np.array(joint)[rng.integers(0, len(joint), horizon)]
+        eps.append(dict(obs=np.broadcast_to(o, (horizon + 1, 2, 4)).copy(),
+                        state=np.broadcast_to(o, (horizon + 1, 4)).copy(),
+                        actions=acts, reward=envs.PAYOFFS[task][acts[:, 0], acts[:, 1]].astype(np.float32),
+                        terminated=False))
+    meta = dict(env="matrix", task=task, quality="test", n_actions=2, source="tests",
+                env_options={"episode_limit": horizon})
+    OfflineDataset.from_episodes(eps, meta).save(path)
+    return path
+
+
+def smoke_resume_eval(mod, tmp_path: Path, dataset: Path, env: str, task: str, **overrides) -> dict:
+    """Train 4 updates (checkpoints at 2 and 4), resume to 6, then --eval-only; check the run's files."""
+    run_dir = tmp_path / "run"
+    base = dict(env=env, task=task, quality="test", dataset=str(dataset), device="cpu", eval_every=2, eval_episodes=2,
+                final_eval_episodes=2, eval_envs=2, log_every=2, run_dir=str(run_dir), **overrides)
+    mod.main(mod.Args(total_steps=4, **base))
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["step"] == 4
+    summary = mod.main(mod.Args(total_steps=6, resume=True, **base))
+    assert summary["steps"] == 6 and np.isfinite(summary["return_mean"])
+    entry = json.loads((run_dir / "metrics.json").read_text())[env][f"{task}__test"][mod.ALGO]["seed_0"]
+    steps = sorted(v["step_count"] for k, v in entry.items() if k.startswith("step_"))
+    assert steps[-1] == 6 and len(entry["absolute_metrics"]["episode_return"]) == 2
+    assert (run_dir / "done.json").is_file() and (run_dir / "config.json").is_file()
+    res = mod.main(mod.Args(eval_only=True, checkpoint=str(run_dir), **{**base, "run_dir": ""}))
+    assert np.isfinite(res["return_mean"])
+    return summary
+
+
+def resume_is_exact(mod, tmp_path: Path, dataset: Path, env: str, task: str, **overrides) -> None:
+    """Training 0 -> 6 in one go and 0 -> 3, resume -> 6 give the same parameters."""
+    base = dict(env=env, task=task, quality="test", dataset=str(dataset), device="cpu", eval_every=3, eval_episodes=1,
+                final_eval_episodes=1, eval_envs=1, log_every=3, **overrides)
+    mod.main(mod.Args(total_steps=6, run_dir=str(tmp_path / "a"), **base))
+    mod.main(mod.Args(total_steps=3, run_dir=str(tmp_path / "b"), **base))
+    mod.main(mod.Args(total_steps=6, run_dir=str(tmp_path / "b"), resume=True, **base))
+    a = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=False)["nets"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=False)["nets"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
+class ContinuousBandit(MultiAgentEnv):
+    """One-step continuous game: 2 agents, 1-D actions, constant observations; the team reward is
+    -(a_0 - 0.5)^2 - (a_1 + 0.3)^2, so the best joint action is (0.5, -0.3)."""
+
+    n_agents, obs_dim, state_dim, discrete, act_dim, episode_limit = 2, 2, 2, False, 1, 1
+    best = np.array([0.5, -0.3], np.float32)
+
+    def __init__(self, task: str = "one_step"):
+        self._o = np.array([1.0, 0.0], np.float32)
+
+    def reset(self, seed=None):
+        return np.stack([self._o, self._o]), self._o.copy(), np.ones((2, 1), bool)
+
+    def step(self, actions):
+        a = np.asarray(actions, np.float32).reshape(2)
+        r = -float(((a - self.best) ** 2).sum())
+        return np.stack([self._o, self._o]), self._o.copy(), np.ones((2, 1), bool), r, True, False, {}
+
+
+def continuous_bandit(monkeypatch, path: Path, episodes: int = 256, seed: int = 0) -> Path:
+    """Register env ``cbandit`` and write ``episodes`` one-step episodes with uniform actions."""
+    monkeypatch.setitem(envs.FAMILIES, "cbandit", (lambda task, **o: ContinuousBandit(task, **o), None))
+    rng, env, eps = np.random.default_rng(seed), ContinuousBandit(), []
+    for _ in range(episodes):
+        o, s, _ = env.reset()
+        a = rng.uniform(-1, 1, (2, 1)).astype(np.float32)
+        o2, s2, _, r, *_ = env.step(a)
+        eps.append(dict(obs=np.stack([o, o2]), state=np.stack([s, s2]), actions=a[None],
+                        reward=np.array([r], np.float32), terminated=True))
+    OfflineDataset.from_episodes(eps, dict(env="cbandit", task="one_step", quality="test", source="tests")).save(path)
+    return path
