@@ -412,10 +412,10 @@ def dataset_log_probs(model: AlberDICE, dataset, which: str, chunk: int = 1 << 1
 
 
 @torch.no_grad()
-def kl_term(model: AlberDICE, x: dict, i: int, estimator: str, n_samples: int,
-            gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kl_term(model: AlberDICE, x: dict, i: int, estimator: str, n_samples: int, gen: torch.Generator | None = None,
+            all_actions: bool = False) -> torch.Tensor | None:
     """The other agents' KL term of e_hat for agent i on the rows of ``x``: ``[B]`` at the dataset's a_i,
-    and (for 'policy') ``[B, K]`` for every action a_i of agent i.
+    or (``all_actions``) ``[B, K]`` for every action a_i of agent i ('policy' only; None for 'sample').
 
     'policy': KL(pi_{-i}(.|s) || pi_{-i}^D(.|s, a_i)), the expectation under pi_{-i} that Eq. 5 defines.
     'sample': log rho_i(x) = log pi_{-i}(a_{-i}|s) / pi_{-i}^D(a_{-i}|s, a_i) at the dataset's a_{-i} (Eq. 8).
@@ -423,12 +423,12 @@ def kl_term(model: AlberDICE, x: dict, i: int, estimator: str, n_samples: int,
     pi_{-i}^D(.|s, a_i); outside it 'sample' misses the (large) penalty: see docs/alberdice.md."""
     logp_all = model.policy_logp(x["obs"], x["avail"])
     if estimator == "policy":
-        kl_all = others_kl(logp_all, model.ar, x["state"], x["actions"], x["avail"], i, n_samples, gen, True)
-        return kl_all.gather(-1, x["actions"][:, i:i + 1]).squeeze(-1), kl_all
+        return others_kl(logp_all, model.ar, x["state"], x["actions"], x["avail"], i, n_samples, gen, all_actions)
+    if all_actions:
+        return None
     lp = logp_all.gather(-1, x["actions"].unsqueeze(-1)).squeeze(-1)  # [B, N]
     cand = x["actions"][:, model.ar.others[i]][None, :, None, :]
-    kl = (lp.sum(-1) - lp[:, i]) - model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i])[0, :, 0]
-    return kl, None
+    return (lp.sum(-1) - lp[:, i]) - model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i])[0, :, 0]
 
 
 def e_values(model: AlberDICE, state: torch.Tensor, i: int, alpha: float, kl_all: torch.Tensor | None) -> torch.Tensor:
@@ -447,7 +447,7 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.T
     s0 = dataset.sample_initial(B)  # D_0
     a_i = x["actions"][:, i]
     with torch.no_grad():
-        kl, kl_all = kl_term(model, x, i, args.kl_estimator, args.kl_samples, gen)
+        kl = kl_term(model, x, i, args.kl_estimator, args.kl_samples, gen)
         data_logp_i = model.data_logp(x["obs"], x["avail"], [i])[:, 0]  # [B, K]
 
     # nu_i: Eq. 31 / 46
@@ -460,12 +460,12 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.T
     loss_nu.backward()
     opts["nu"].step()
 
-    # e_i: MSE to e_hat on D_rho plus the CQL penalty (Eq. 43 / 47)
-    e_net = model.e_all(x["state"], i)  # the network e_psi(s, .) [B, K]
-    e_all = e_net if kl_all is None else e_net - alpha * kl_all  # e_i(s, .), see e_values
-    e_pred = e_all.gather(-1, a_i.unsqueeze(-1)).squeeze(-1)
-    loss_mse = (e_pred - e_hat.detach()).pow(2).mean()
-    loss_cql = cql_penalty(e_net, x["avail"][:, i], data_logp_i.exp()).mean()  # on the learnt part
+    # e_i: MSE to e_hat on D_rho plus the CQL penalty (Eq. 43 / 47). With the 'policy' KL, e_i = e_psi - alpha KL
+    # (e_values): (e_i(s, a_i) - e_hat)^2 = (e_psi(s, a_i) - (e_hat + alpha KL))^2, and CQL acts on the learnt e_psi
+    e_net = model.e_all(x["state"], i)  # e_psi(s, .) [B, K]
+    target = (e_hat + alpha * kl if args.kl_estimator == "policy" else e_hat).detach()
+    loss_mse = (e_net.gather(-1, a_i.unsqueeze(-1)).squeeze(-1) - target).pow(2).mean()
+    loss_cql = cql_penalty(e_net, x["avail"][:, i], data_logp_i.exp()).mean()
     loss_e = loss_mse + args.cql_alpha * loss_cql
     opts["e"].zero_grad(set_to_none=True)
     loss_e.backward()
@@ -474,7 +474,7 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.T
     # pi_i: I-projection on states of D (Eq. 48; local observation o_i, App. J.1 Eq. 50)
     u = dataset.sample(B)
     with torch.no_grad():
-        e_u = e_values(model, u["state"], i, alpha, kl_term(model, u, i, args.kl_estimator, args.kl_samples, gen)[1])
+        e_u = e_values(model, u["state"], i, alpha, kl_term(model, u, i, args.kl_estimator, args.kl_samples, gen, True))
         data_u = model.data_logp(u["obs"], u["avail"], [i])[:, 0]
     logits = model.policy(u["obs"][:, i][None], [i])[0]
     loss_pi = i_projection_loss(logits, e_u, data_u, u["avail"][:, i], alpha).mean()
