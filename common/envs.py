@@ -65,6 +65,16 @@ class MultiAgentEnv:
                 f"obs_dim={self.obs_dim}, state_dim={self.state_dim}, {kind}, episode_limit={self.episode_limit})")
 
 
+def _check_options(env: str, cls: type, options: dict[str, Any]) -> None:
+    """An unknown keyword is a user's typo: say which options exist."""
+    import inspect
+
+    known = [p for p in inspect.signature(cls).parameters if p != "task"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise EnvError(f"unknown {env} option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+
+
 # =============================================================== matrix games
 PAYOFFS = {
     # rows: agent 0's action, columns: agent 1's (0 = A, 1 = B); ../shared/specs/bridge-and-xor.md §1
@@ -274,9 +284,7 @@ class Bridge(MultiAgentEnv):
 
 
 def _make_bridge(task: str, **options: Any) -> MultiAgentEnv:
-    unknown = sorted(set(options) - {"episode_limit"})
-    if unknown:
-        raise EnvError(f"bridge takes the option episode_limit only, got {', '.join(unknown)}")
+    _check_options("bridge", Bridge, options)
     return Bridge(task, **options)
 
 
@@ -297,16 +305,6 @@ def omiga_obs(single_obs: np.ndarray, n_agents: int) -> np.ndarray:
     v = np.concatenate([np.broadcast_to(x[..., None, :], x.shape[:-1] + (n_agents, x.shape[-1])), eye], axis=-1)
     v = (v - v.mean(-1, keepdims=True)) / v.std(-1, keepdims=True)
     return v.astype(np.float32)
-
-
-def _check_options(env: str, cls: type, options: dict[str, Any]) -> None:
-    """An unknown keyword is a user's typo: say which options exist."""
-    import inspect
-
-    known = [p for p in inspect.signature(cls).parameters if p != "task"]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise EnvError(f"unknown {env} option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
 
 
 def _build_quietly(make: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -668,6 +666,7 @@ def _make_smacv2(task: str, **options: Any) -> MultiAgentEnv:
 
 # ================================================================== registry
 def _make_matrix(task: str, **options: Any) -> MultiAgentEnv:
+    _check_options("matrix", MatrixGame, options)
     return MatrixGame(task, **options)
 
 

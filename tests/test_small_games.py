@@ -140,7 +140,7 @@ def test_env_protocol_and_errors():
         make_env("bridge", "medium")
     with pytest.raises(EnvError, match="positive integer"):
         make_env("bridge", "hard", episode_limit="abc")
-    with pytest.raises(EnvError, match="episode_limit only"):
+    with pytest.raises(EnvError, match="unknown bridge option"):
         make_env("bridge", "hard", horizon=5)
 
 
