@@ -100,7 +100,7 @@ class Args:
     the data quickly (docs)"""
     kl_estimator: Literal["policy", "sample"] = "policy"
     """estimate of the other agents' KL term in e_hat: 'policy' = KL(pi_{-i}(.|s) || pi_{-i}^D(.|s,a_i))
-    over a_{-i} ~ pi_{-i} (sound; what the official code does); 'sample' = log rho_i(x) at the
+    over a_{-i} ~ pi_{-i} (sound; the official code samples it too); 'sample' = log rho_i(x) at the
     dataset's a_{-i}, literally Eq. 8 (biased when pi_{-i} leaves the data's support; docs)"""
     kl_samples: int = 16
     """samples a_{-i} ~ pi_{-i} for the 'policy' KL; exact enumeration when n_actions^(N-1) <= this"""
@@ -311,7 +311,8 @@ def others_kl(policy_logp: torch.Tensor, ar: ARDataPolicy, state: torch.Tensor, 
     if K ** (N - 1) <= n_samples:
         cand = torch.tensor(list(itertools.product(range(K), repeat=N - 1)), device=state.device)  # [C, N-1]
         cand = cand[:, None, :].expand(-1, B, -1)  # [C, B, N-1]
-        logp_others = lp.unsqueeze(0).expand(cand.shape[0], -1, -1, -1).gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
+        lp_c = lp.unsqueeze(0).expand(cand.shape[0], -1, -1, -1)
+        logp_others = lp_c.gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
         weight = logp_others.exp()  # pi_{-i}(cand|s): exact expectation
     else:
         draws = torch.multinomial(lp.exp().reshape(B * (N - 1), K), n_samples, replacement=True, generator=generator)
@@ -323,8 +324,9 @@ def others_kl(policy_logp: torch.Tensor, ar: ARDataPolicy, state: torch.Tensor, 
         return (weight * (logp_others - logp_data)).sum(0)
     own = actions.unsqueeze(1).repeat(1, K, 1)  # [B, K, N]: every action of agent i
     own[:, :, i] = torch.arange(K, device=state.device)
-    logp_data = ar.log_prob(state.repeat_interleave(K, 0), own.view(B * K, N), cand.repeat_interleave(K, 1).unsqueeze(2),
-                            avail.repeat_interleave(K, 0), agents=[i]).view(-1, B, K)  # [C, B, K]
+    logp_data = ar.log_prob(state.repeat_interleave(K, 0), own.view(B * K, N),
+                            cand.repeat_interleave(K, 1).unsqueeze(2), avail.repeat_interleave(K, 0),
+                            agents=[i]).view(-1, B, K)  # [C, B, K]
     return (weight.unsqueeze(-1) * (logp_others.unsqueeze(-1) - logp_data)).sum(0)
 
 
@@ -389,7 +391,8 @@ def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | Non
         (loss_d + loss_ar).backward()
         opt.step()
         if run is not None and (step % args.log_every == 0 or step == args.pretrain_steps - 1):
-            run.log(step, {"losses/data_policy": loss_d.item(), "losses/ar_data_policy": loss_ar.item() / max(1, N - 1)})
+            run.log(step, {"losses/data_policy": loss_d.item(),
+                           "losses/ar_data_policy": loss_ar.item() / max(1, N - 1)})
     if args.init_policy_from_data:
         model.policy.load_state_dict(model.data_policy.state_dict())
 
@@ -618,8 +621,8 @@ def main(args: Args) -> dict:
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     log_rho = None
     t0, steps_done = time.time(), 0
-    bar = tqdm(range(step, args.total_steps), initial=step, total=args.total_steps, desc="alberdice", dynamic_ncols=True,
-               mininterval=2.0)
+    bar = tqdm(range(step, args.total_steps), initial=step, total=args.total_steps, desc="alberdice",
+               dynamic_ncols=True, mininterval=2.0)
     for step in bar:
         log_rho, infos = train_iteration(model, opts, dataset, args, step, log_rho, logp_data_others, gen, f_abs)
         steps_done += 1
