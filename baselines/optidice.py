@@ -1,0 +1,386 @@
+"""OptiDICE extended naively to multi-agent RL: one nu(s) on the global state, factorised policies
+by weighted behaviour cloning.
+
+Docs:       docs/baselines.md#optidice
+Paper:      J. Lee, W. Jeon, B. Lee, J. Pineau, K.-E. Kim, "OptiDICE: Offline Policy Optimization via
+            Stationary Distribution Correction Estimation", ICML 2021; the multi-agent extension is
+            the one described in AlberDICE (Matsunaga et al., NeurIPS 2023), footnote 7 and App. C
+            (Eqs. 26-30), with the log-mean-exp objective of its App. E.1.
+Reference:  github.com/dematsunaga/alberdice @ 4d69f0e (pymarl-master/src/learners/optidice_learner.py),
+            read to check facts.
+
+    python baselines/optidice.py --env bridge --task hard --quality mix
+
+nu(s) solves the (joint-action) regularised LP of the MMDP through its dual,
+    min_nu  alpha * log E_D[exp(e_nu / alpha)] + (1 - gamma) E_{s0}[nu(s0)],
+    e_nu(s, a, s') = r(s, a) + gamma * nu(s') - nu(s),
+whose optimum gives the correction ratios w*(s, a) = d*(s, a) / d^D(s, a) proportional to
+exp(e_nu / alpha) (Eq. 30; the log-mean-exp form fixes nu up to a constant, which the
+normalisation of w removes). Each agent's policy then clones the data re-weighted by w
+(Eq. 29). The weighted data may be a mixture of coordinated joint behaviours whose factorised
+clone picks out-of-distribution joint actions (App. C): the failure AlberDICE addresses.
+Discrete and continuous actions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common import OfflineMarlError, friendly_errors
+from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+
+# The shipped AlberDICE configs evaluate the matrix game with 100 steps and Bridge with 20
+# (../shared/specs/bridge-and-xor.md); other envs keep the dataset's episode limit.
+EVAL_EPISODE_LIMIT = {"matrix": 100, "bridge": 20}
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+@dataclass
+class Args:
+    # ---- shared fields (docs/architecture.md) ----
+    env: str = "bridge"
+    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2, ...)"""
+    task: str = "hard"
+    """task within the family"""
+    quality: str = "optimal"
+    """dataset quality name in the catalog"""
+    dataset: str = ""
+    """path of a dataset to use instead of the catalog entry (any supported format)"""
+    seed: int = 0
+    """random seed"""
+    device: str = "auto"
+    """torch device: auto, cpu, cuda, ..."""
+    total_steps: int = 5_000
+    """gradient steps (each updates nu and every agent's policy)"""
+    batch_size: int = 256
+    """transitions per minibatch (and as many initial states)"""
+    eval_every: int = 1_000
+    """steps between evaluations (each also writes checkpoints/latest.pt)"""
+    eval_episodes: int = 100
+    """episodes per evaluation"""
+    final_eval_episodes: int = 500
+    """episodes of the final evaluation stored as absolute_metrics in metrics.json"""
+    resume: bool = False
+    """continue the newest run of the same env/task/quality/seed from its last checkpoint"""
+    run_dir: str = ""
+    """write the run here instead of runs/<env>__<task>__<quality>__optidice__<seed>__<time>"""
+    eval_only: bool = False
+    """only evaluate --checkpoint and print the result"""
+    checkpoint: str = ""
+    """checkpoint file or run directory for --eval-only"""
+    # ---- OptiDICE ----
+    alpha: float = 1.0
+    """KL-regularisation strength alpha (the AlberDICE paper uses 1 for OptiDICE on GRF and RWARE)"""
+    alpha_end: float = 0.1
+    """if > 0, alpha decays geometrically from --alpha to this value over training
+    (the official matrix-game and Bridge configs anneal 5 -> 0.001)"""
+    gamma: float = 0.99
+    """discount factor"""
+    lr: float = 1e-3
+    """Adam learning rate of nu and the policies"""
+    hidden: int = 64
+    """width of the two hidden layers of nu and of each agent's policy"""
+    absorbing_horizon: int = 0
+    """episodes that end for real continue in an absorbing state up to this many steps (0 = the episode
+    limit the data was recorded with, from its meta, else its longest episode)"""
+    sample_actions: bool = True
+    """discrete: sample actions from the policy during evaluation (as the AlberDICE paper evaluates);
+    False = argmax. Continuous policies always act with their mean"""
+    episode_limit: int = 0
+    """evaluation episode limit (0 = matrix 100, bridge 20 as the shipped AlberDICE configs, else the dataset's)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation"""
+    log_every: int = 500
+    """steps between TensorBoard loss scalars"""
+
+
+# ============================================================ pure functions
+NEG = -1e10
+
+
+def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.masked_fill(~avail, NEG), dim=-1)
+
+
+def gaussian_log_prob(out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log N(a; tanh(mu), exp(log_std)^2) summed over action dimensions; ``out [..., 2A]`` = (mu, log_std)."""
+    mu, log_std = out.chunk(2, dim=-1)
+    log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+    z = (actions - torch.tanh(mu)) / log_std.exp()
+    return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def alpha_at(args: Args, step: int) -> float:
+    if args.alpha_end <= 0:
+        return args.alpha
+    return args.alpha * (args.alpha_end / args.alpha) ** (step / max(1, args.total_steps))
+
+
+def absorbing_fraction(dataset, horizon: int) -> float:
+    """Share f of absorbing-state rows in D once every episode that ended for real is continued in its
+    absorbing state (reward 0) up to ``horizon`` steps (at least one): the LP is infinite-horizon."""
+    es = np.asarray(dataset.episode_start)
+    terminated = np.asarray(dataset.terminal)[es[1:] - 2]
+    n_abs = int(np.maximum(horizon - dataset.episode_lengths, 1)[terminated].sum())
+    return n_abs / (n_abs + dataset.n_transitions)
+
+
+def data_horizon(meta: dict, dataset, override: int = 0) -> int:
+    """Episode limit the data was recorded with: ``override``, else the meta's, else the longest episode."""
+    limit = override or meta.get("env_options", {}).get("episode_limit") or meta.get("episode_limit")
+    return int(limit or dataset.episode_lengths.max())
+
+
+def advantage(reward: torch.Tensor, nu: torch.Tensor, next_nu: torch.Tensor, done: torch.Tensor,
+              gamma: float, nu_absorbing: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """e_nu(s, a, s') = r + gamma * nu(s') - nu(s) (Eq. 27/30); after a true terminal s' is the
+    absorbing state, whose value is ``nu_absorbing``."""
+    next_nu = torch.where(done > 0, torch.as_tensor(nu_absorbing, dtype=next_nu.dtype), next_nu)
+    return reward + gamma * next_nu - nu
+
+
+def nu_loss(e: torch.Tensor, nu_init: torch.Tensor, alpha: float, gamma: float,
+            nu_absorbing: torch.Tensor | float = 0.0, absorbing_frac: float = 0.0) -> torch.Tensor:
+    """alpha * log mean_D exp(e / alpha) + (1 - gamma) * mean nu(s0): Eq. 26 with the closed-form w
+    (Eq. 27) in the numerically stable log-mean-exp form (AlberDICE App. E.1). D includes its
+    absorbing rows (share f, e = -(1 - gamma) * nu_absorbing), so nu is determined up to a constant."""
+    log_y = torch.logsumexp(e / alpha, 0) - math.log(e.numel())
+    if absorbing_frac > 0:
+        log_y = torch.logaddexp(log_y + math.log1p(-absorbing_frac),
+                                math.log(absorbing_frac) - (1 - gamma) * torch.as_tensor(nu_absorbing) / alpha)
+    return alpha * log_y + (1 - gamma) * nu_init.mean()
+
+
+def correction_weights(e: torch.Tensor, alpha: float) -> torch.Tensor:
+    """w(s, a) proportional to exp(e / alpha) (Eq. 30), normalised to mean 1 over the batch."""
+    return torch.softmax(e / alpha, 0) * e.numel()
+
+
+def weighted_bc_loss(out: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor, w: torch.Tensor,
+                     discrete: bool) -> torch.Tensor:
+    """Eq. 29: -mean_D[w * sum_i log pi_i(a_i|o_i)], the factorised policies cloning the weighted data."""
+    if discrete:
+        logp = masked_log_softmax(out, avail).gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B, N]
+    else:
+        logp = gaussian_log_prob(out, actions)
+    return -(w.unsqueeze(-1) * logp).sum(-1).mean()
+
+
+# ================================================================= networks
+class AgentMLP(nn.Module):
+    """One MLP per agent (separate parameters), all agents evaluated with one batched matmul per
+    layer: ``[N, B, in] -> [N, B, out]``. With ``n_agents=1`` it is a plain MLP (nu)."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, hidden: int, out_scale: float = 1.0):
+        super().__init__()
+        sizes = [in_dim, hidden, hidden, out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for k in range(len(sizes) - 1):
+            layers = [nn.Linear(sizes[k], sizes[k + 1]) for _ in range(n_agents)]
+            scale = out_scale if k == len(sizes) - 2 else 1.0
+            self.weights.append(nn.Parameter(torch.stack([l.weight.detach().t() for l in layers]) * scale))
+            self.biases.append(nn.Parameter(torch.stack([l.bias.detach() for l in layers]).unsqueeze(1) * scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if k < len(self.weights) - 1:
+                x = F.relu(x)
+        return x
+
+
+class Policy(nn.Module):
+    """Decentralised policies pi_i(a_i|o_i) with separate parameters per agent."""
+
+    def __init__(self, n_agents: int, obs_dim: int, discrete: bool, n_out: int, hidden: int):
+        super().__init__()
+        self.discrete = discrete
+        self.net = AgentMLP(n_agents, obs_dim, n_out if discrete else 2 * n_out, hidden, out_scale=0.01)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """``obs [B, N, o] -> [B, N, out]``."""
+        return self.net(obs.transpose(0, 1)).transpose(0, 1)
+
+
+class Nu(nn.Module):
+    """nu(s): one network on the global state, shared by all agents (the naive extension), and the
+    value of the absorbing state that follows a true terminal."""
+
+    def __init__(self, state_dim: int, hidden: int):
+        super().__init__()
+        self.net = AgentMLP(1, state_dim, 1, hidden)
+        self.absorbing = nn.Parameter(torch.zeros(()))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net(state.unsqueeze(0))[0, :, 0]
+
+
+# ======================================================== policy and evaluation
+def make_act_fn(policy: Policy, device: torch.device, sample: bool = True, seed: int = 0):
+    """act_fn(obs [E,N,o], state, avail [E,N,K]) -> actions; ``act_fn.probs`` gives discrete action probabilities."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    @torch.no_grad()
+    def probs(obs, avail):
+        obs = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device)
+        avail = torch.as_tensor(np.asarray(avail), dtype=torch.bool, device=device)
+        return masked_log_softmax(policy(obs), avail).exp()
+
+    @torch.no_grad()
+    def act_fn(obs, state, avail):
+        if not policy.discrete:
+            out = policy(torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device))
+            return torch.tanh(out.chunk(2, dim=-1)[0]).cpu().numpy()
+        p = probs(obs, avail)
+        if not sample:
+            return p.argmax(-1).cpu().numpy()
+        E, N, K = p.shape
+        return torch.multinomial(p.reshape(E * N, K), 1, generator=gen).view(E, N).cpu().numpy()
+
+    act_fn.probs = probs
+    return act_fn
+
+
+def load_policy(checkpoint: str, device: str = "cpu"):
+    """The trained joint policy of a checkpoint (file or run directory) as ``act_fn``."""
+    ck = load_checkpoint(checkpoint, map_location=device)
+    d = ck["dims"]
+    policy = Policy(d["n_agents"], d["obs_dim"], d["discrete"], d["n_out"], d["hidden"])
+    policy.load_state_dict(ck["policy"])
+    policy.to(device).eval()
+    return make_act_fn(policy, torch.device(device), sample=d.get("sample_actions", True), seed=int(ck.get("seed", 0)))
+
+
+def evaluate_policy(env, act_fn, episodes: int, seed: int, n_envs: int) -> dict:
+    from common.envs import evaluate
+
+    res = evaluate(env, act_fn, episodes, seed=seed, n_envs=n_envs)
+    res["return_per_step"] = float(np.sum(res["returns"]) / max(1, np.sum(res["lengths"])))
+    return res
+
+
+def joint_policy_table(env, act_fn) -> list | None:
+    """For a stateless two-agent matrix game: pi_1(a_1) * pi_2(a_2) at its (constant) observation."""
+    if env.spec.get("env") != "matrix":
+        return None
+    obs, state, avail = env.reset(0)
+    p = act_fn.probs(obs[None], avail[None])[0].cpu().numpy()
+    return np.outer(p[0], p[1]).round(4).tolist()
+
+
+def eval_env_options(meta: dict, args: Args) -> dict:
+    limit = args.episode_limit or EVAL_EPISODE_LIMIT.get(meta["env"], 0)
+    return {"episode_limit": limit} if limit else {}
+
+
+# ===================================================================== main
+def main(args: Args) -> dict:
+    from common import catalog
+    from common.envs import make_env_for
+
+    device = resolve_device(args.device)
+    if args.eval_only:
+        if not args.checkpoint:
+            raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
+        meta = load_checkpoint(args.checkpoint)["dataset_meta"]
+        env = make_env_for(meta, **eval_env_options(meta, args))
+        act_fn = load_policy(args.checkpoint, str(device))
+        res = evaluate_policy(env, act_fn, args.final_eval_episodes, args.seed + 10_000, args.eval_envs)
+        out = {k: res[k] for k in ("return_mean", "return_std", "return_per_step", "win_rate", "length_mean")}
+        out["joint_policy"] = joint_policy_table(env, act_fn)
+        print(json.dumps(out))
+        return out
+
+    set_seed(args.seed)
+    dataset = catalog.load(args.env, args.task, args.quality, args.dataset or None)
+    dataset.to(device).seed(args.seed)
+    env = make_env_for(dataset.meta, **eval_env_options(dataset.meta, args))
+    dataset.check_env(env)
+    discrete = dataset.discrete
+    n_out = dataset.n_actions if discrete else dataset.act_dim
+    dims = dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, discrete=discrete, n_out=n_out,
+                hidden=args.hidden, sample_actions=args.sample_actions)
+    policy = Policy(dataset.n_agents, dataset.obs_dim, discrete, n_out, args.hidden).to(device)
+    nu = Nu(dataset.state_dim, args.hidden).to(device)
+    opt_pi = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    opt_nu = torch.optim.Adam(nu.parameters(), lr=args.lr)
+
+    run = Run(args, "optidice", resume=args.resume)
+    step = 0
+    ck = run.load(map_location="cpu") if run.resumed else None
+    if ck is not None:
+        policy.load_state_dict(ck["policy"])
+        nu.load_state_dict(ck["nu"])
+        opt_pi.load_state_dict(ck["opt_pi"])
+        opt_nu.load_state_dict(ck["opt_nu"])
+        step = ck["step"]
+        set_rng_state(ck["rng"])
+        dataset.generator.set_state(ck["sampler"])
+
+    def save(at: int) -> None:
+        run.save({"policy": policy.state_dict(), "nu": nu.state_dict(), "opt_pi": opt_pi.state_dict(),
+                  "opt_nu": opt_nu.state_dict(), "step": at, "rng": rng_state(),
+                  "sampler": dataset.generator.get_state(), "dims": dims, "seed": args.seed,
+                  "dataset_meta": dataset.meta, "args": vars(args)})
+
+    act_fn = make_act_fn(policy, device, sample=args.sample_actions, seed=args.seed)
+    f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
+    t0, steps_done = time.time(), 0
+    B = args.batch_size
+    bar = tqdm(range(step, args.total_steps), initial=step, total=args.total_steps, desc="optidice",
+               dynamic_ncols=True, mininterval=2.0)
+    for step in bar:
+        alpha = alpha_at(args, step)
+        b = dataset.sample(B)
+        s0 = dataset.sample_initial(B)
+        v = nu(torch.cat([b["state"], b["next_state"], s0["state"]]))
+        e = advantage(b["reward"], v[:B], v[B:2 * B], b["done"], args.gamma, nu.absorbing)
+        loss_nu = nu_loss(e, v[2 * B:], alpha, args.gamma, nu.absorbing, f_abs)
+        opt_nu.zero_grad(set_to_none=True)
+        loss_nu.backward()
+        opt_nu.step()
+
+        w = correction_weights(e.detach(), alpha)
+        loss_pi = weighted_bc_loss(policy(b["obs"]), b["actions"], b["avail"], w, discrete)
+        opt_pi.zero_grad(set_to_none=True)
+        loss_pi.backward()
+        opt_pi.step()
+        steps_done += 1
+        if step % args.log_every == 0:
+            run.log(step, {"losses/nu": loss_nu.item(), "losses/policy": loss_pi.item(), "charts/alpha": alpha,
+                           "charts/w_max": w.max().item(), "charts/w_ess": (w.sum() ** 2 / w.pow(2).sum() / B).item(),
+                           "charts/updates_per_s": steps_done / max(1e-9, time.time() - t0)})
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
+            res = evaluate_policy(env, act_fn, args.eval_episodes, args.seed + step, args.eval_envs)
+            run.log_eval(step + 1, res)
+            run.log(step + 1, {"eval/return_per_step": res["return_per_step"]})
+            bar.set_postfix(eval=f"{res['return_mean']:.3f}", refresh=False)
+            save(step + 1)
+    bar.close()
+    wall = time.time() - t0
+    final = evaluate_policy(env, act_fn, args.final_eval_episodes, args.seed + 10_000, args.eval_envs)
+    run.log_final(args.total_steps, final)
+    summary = {"return_mean": final["return_mean"], "return_std": final["return_std"],
+               "return_per_step": final["return_per_step"], "win_rate": final["win_rate"],
+               "episode_limit": env.episode_limit, "updates_per_s": steps_done / max(1e-9, wall),
+               "wall_time_s": wall, "joint_policy": joint_policy_table(env, act_fn)}
+    run.finish(summary)
+    run.close()
+    return summary
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main(tyro.cli(Args))

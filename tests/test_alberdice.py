@@ -1,0 +1,320 @@
+"""AlberDICE (alberdice.py): closed forms, estimators, Penalty-XOR convergence, smoke, save and resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import alberdice as A
+from common import OfflineMarlError
+from common import collect
+from common import envs as common_envs
+from common.data import OfflineDataset
+
+# ---------------------------------------------------------------- fixtures
+def random_dataset(N=3, K=3, S=5, O=4, episodes=20, T=6, seed=0) -> OfflineDataset:
+    """Random discrete episodes with some unavailable actions (local obs differ from the state)."""
+    rng = np.random.default_rng(seed)
+    avail = rng.random((episodes, T + 1, N, K)) < 0.7
+    avail[..., 0] = True
+    logits = np.where(avail[:, :T], rng.normal(size=(episodes, T, N, K)), -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    actions = (p.cumsum(-1) > rng.random((episodes, T, N, 1))).argmax(-1)
+    return OfflineDataset.from_padded(
+        obs=rng.normal(size=(episodes, T + 1, N, O)).astype(np.float32),
+        state=rng.normal(size=(episodes, T + 1, S)).astype(np.float32), actions=actions,
+        reward=rng.normal(size=(episodes, T)).astype(np.float32), lengths=rng.integers(1, T + 1, size=episodes),
+        terminated=rng.random(episodes) < 0.5, avail=avail,
+        meta={"env": "toy", "task": "t", "quality": "q", "discrete": True, "n_actions": K})
+
+
+# ------------------------------------------------- Proposition E.1 (tabular)
+def test_proposition_e1_exp_and_log_mean_exp_objectives():
+    """Minimisers of Eq. 14 and Eq. 31 differ by a constant and reach the same value (Prop. E.1), here
+    with true terminals continued in an absorbing state; Eq. 31 is shift invariant (Lemma E.2) and a
+    lower bound of Eq. 14 (Lemma E.3). The shift is C* = alpha/(1-gamma) (log y - 1), y = rho_bar E[exp(e/alpha)]:
+    Eq. 14 is minimal along the shift direction where y = e (the paper's Lemma E.3/E.4 write y = 1)."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(0)
+    S, T, alpha, gamma, f_abs = 5, 300, 0.7, 0.9, 0.2
+    s, s2, s0 = (torch.as_tensor(rng.integers(0, S, n)) for n in (T, T, 40))
+    r = torch.as_tensor(rng.normal(size=T))
+    kl = torch.as_tensor(rng.random(T))
+    done = torch.as_tensor((rng.random(T) < 0.1).astype(np.float64))
+    log_rho_bar = math.log(0.6)
+
+    def objective(fn):
+        def f(x):  # x = (nu(s) for the S states, nu(s_abs))
+            x = torch.tensor(x, requires_grad=True)
+            nu, nu_abs = x[:S], x[S]
+            e = A.advantage(r, kl, nu[s], nu[s2], done, alpha, gamma, nu_abs)
+            loss = fn(e, nu[s0], alpha, gamma, log_rho_bar, nu_abs, f_abs)
+            loss.backward()
+            return loss.item(), x.grad.numpy().copy()
+        return f
+
+    f_exp, f_lme = objective(A.nu_loss_exp), objective(A.nu_loss_log_mean_exp)
+    opt = dict(method="BFGS", jac=True, options={"gtol": 1e-10, "maxiter": 10_000})
+    res_exp = minimize(f_exp, np.zeros(S + 1), **opt)
+    res_lme = minimize(f_lme, rng.normal(size=S + 1), **opt)
+    assert np.abs(f_exp(res_exp.x)[1]).max() < 1e-6 and np.abs(f_lme(res_lme.x)[1]).max() < 1e-6
+    assert res_exp.fun == pytest.approx(res_lme.fun, abs=1e-8)
+    assert np.ptp(res_exp.x - res_lme.x) < 1e-5  # nu* - nu~* is a constant (absorbing value included)
+    assert f_lme(res_lme.x + 3.7)[0] == pytest.approx(res_lme.fun, abs=1e-9)  # Lemma E.2
+    for _ in range(5):  # Lemma E.3: L >= L~ everywhere
+        x = rng.normal(size=S + 1) * 2
+        assert f_exp(x)[0] >= f_lme(x)[0] - 1e-12
+    x = torch.as_tensor(res_lme.x)
+    e = A.advantage(r, kl, x[:S][s], x[:S][s2], done, alpha, gamma, x[S])
+    log_y = A._log_y(e, alpha, gamma, log_rho_bar, x[S], f_abs).item()
+    c_star = alpha / (1 - gamma) * (log_y - 1)
+    assert f_exp(res_lme.x + c_star)[0] == pytest.approx(res_exp.fun, abs=1e-8)
+    np.testing.assert_allclose(res_lme.x + c_star, res_exp.x, atol=1e-5)
+    # without the absorbing state (terminals simply not bootstrapped) the shift invariance is lost
+    e0 = A.advantage(r, kl, x[:S][s], x[:S][s2], done, alpha, gamma, 0.0)
+    e1 = A.advantage(r, kl, x[:S][s] + 1, x[:S][s2] + 1, done, alpha, gamma, 0.0)
+    assert abs(A.nu_loss_log_mean_exp(e0, x[:S][s0], alpha, gamma).item()
+               - A.nu_loss_log_mean_exp(e1, x[:S][s0] + 1, alpha, gamma).item()) > 1e-3
+
+
+# ------------------------------------------------ importance resampling
+def test_importance_resampling_is_unbiased():
+    """rho_bar * (mean over D_rho) equals the importance-weighted mean over D (Eq. 12 vs Eq. 10)."""
+    ds = random_dataset(episodes=40, seed=1).to("cpu").seed(0)
+    g = torch.Generator().manual_seed(0)
+    log_rho = 1.5 * torch.randn(ds.n_transitions, generator=g) + 3.0  # large ratios: computed in log space
+    weights, log_rho_bar = A.resampling_weights(log_rho)
+    assert log_rho_bar.item() == pytest.approx(math.log(log_rho.double().exp().mean().item()), rel=1e-5)
+    f = ds.transitions(ds.transition_rows())["reward"].double()
+    target = (log_rho.double().exp() * f).mean().item()  # E_D[rho f]
+    n = 200_000
+    x = ds.sample(n, weights=weights)["reward"].double()
+    rho_bar = math.exp(log_rho_bar.item())
+    est = rho_bar * x.mean().item()
+    se = rho_bar * x.std().item() / math.sqrt(n)
+    assert abs(est - target) < 4 * se
+    # resampling is not the same as uniform sampling: the estimate without rho would be far off
+    assert abs(rho_bar * f.mean().item() - target) > 10 * se
+
+
+def brute_ar_log_prob(ar: A.ARDataPolicy, state, actions, others_actions, avail, i):
+    """log pi_{-i}^D(a_{-i}|s, a_i) built one agent at a time (an independent reading of Eq. 45's inputs)."""
+    N, K = ar.N, ar.K
+    others = [j for j in range(N) if j != i]
+    total = torch.zeros(state.shape[0])
+    for p, j in enumerate(others):
+        prev = torch.zeros(state.shape[0], max(N - 2, 0) * K)
+        for q in range(p):
+            prev[:, q * K:(q + 1) * K] = torch.nn.functional.one_hot(others_actions[:, q], K).float()
+        x = torch.cat([torch.nn.functional.one_hot(torch.full((state.shape[0],), j), N).float(), state,
+                       torch.nn.functional.one_hot(actions[:, i], K).float(), prev], -1)
+        logits = ar.net(x[None], [i])[0]
+        logp = A.masked_log_softmax(logits, avail[:, j])
+        total = total + logp.gather(-1, others_actions[:, p:p + 1])[:, 0]
+    return total
+
+
+def test_importance_ratios_and_autoregressive_inputs():
+    """log rho_i (Eq. 11) from the batched networks equals a one-agent-at-a-time computation."""
+    torch.manual_seed(0)
+    ds = random_dataset(N=3, K=3).to("cpu")
+    model = A.AlberDICE(3, ds.obs_dim, ds.state_dim, 3, 16)
+    b = ds.transitions(ds.transition_rows())
+    log_rho = A.log_importance_ratios(A.dataset_log_probs(model, ds, "policy"), A.dataset_log_probs(model, ds, "ar"))
+    lp = torch.stack([A.masked_log_softmax(model.policy(b["obs"][:, j][None], [j])[0], b["avail"][:, j])
+                      .gather(-1, b["actions"][:, j:j + 1])[:, 0] for j in range(3)], -1)
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        with torch.no_grad():
+            expect = lp[:, others].sum(-1) - brute_ar_log_prob(model.ar, b["state"], b["actions"],
+                                                               b["actions"][:, others], b["avail"], i)
+        torch.testing.assert_close(log_rho[:, i], expect, rtol=1e-5, atol=1e-5)
+    clipped = A.log_importance_ratios(lp, A.dataset_log_probs(model, ds, "ar"), rho_max=1.0)
+    assert clipped.max() <= 1e-6
+
+
+def test_others_kl_exact_and_monte_carlo():
+    """KL(pi_{-i} || pi_{-i}^D(.|s, a_i)): enumeration equals the brute-force sum; the sampled
+    estimate is unbiased."""
+    torch.manual_seed(0)
+    ds = random_dataset(N=3, K=3).to("cpu")
+    model = A.AlberDICE(3, ds.obs_dim, ds.state_dim, 3, 16)
+    b = ds.transitions(ds.transition_rows()[:12])
+    logp = model.policy_logp(b["obs"], b["avail"]).detach()
+    i, others = 1, [0, 2]
+    with torch.no_grad():
+        exact = A.others_kl(logp, model.ar, b["state"], b["actions"], b["avail"], i, n_samples=9)
+        brute = torch.zeros(12)
+        for combo in itertools.product(range(3), repeat=2):
+            c = torch.tensor(combo).expand(12, 2)
+            lp_c = sum(logp[:, j].gather(-1, c[:, q:q + 1])[:, 0] for q, j in enumerate(others))
+            lpd = brute_ar_log_prob(model.ar, b["state"], b["actions"], c, b["avail"], i)
+            brute += torch.where(lp_c > -1e9, lp_c.exp() * (lp_c - lpd), torch.zeros(()))
+        torch.testing.assert_close(exact, brute, rtol=1e-4, atol=1e-5)
+        g = torch.Generator().manual_seed(0)
+        mc = torch.stack([A.others_kl(logp, model.ar, b["state"], b["actions"], b["avail"], i, 8, g)
+                          for _ in range(400)])  # 8 < 9 joint actions: Monte Carlo
+    se = mc.std(0) / math.sqrt(400)
+    assert ((mc.mean(0) - exact).abs() < 4 * se + 1e-4).all()
+
+
+# -------------------------------------- the KL term: paper-literal vs sound
+def xor_args(**kw) -> A.Args:
+    base = dict(batch_size=128, hidden=16, lr=3e-2, pretrain_steps=100, alpha=0.1, alpha_end=0.0, total_steps=16,
+                inner_steps=10)  # the Penalty-XOR configuration of docs/alberdice.md
+    return A.Args(**{**base, **kw})
+
+
+def pretrained(quality: str, seed: int, args: A.Args):
+    torch.manual_seed(seed)
+    ds = collect.xor_dataset("penalty_xor", quality, seed=seed).to("cpu").seed(seed)
+    model = A.AlberDICE(2, 4, 4, 2, args.hidden)
+    A.pretrain_data_policies(model, ds, args, None)
+    return ds, model
+
+
+def set_policy(model: A.AlberDICE, agent: int, probs) -> None:
+    """Make agent's policy output ``probs`` for every observation."""
+    with torch.no_grad():
+        last = model.policy.n_layers - 1
+        model.policy.weights[last * 2 + agent].zero_()
+        model.policy.biases[last * 2 + agent].copy_(torch.log(torch.tensor(probs)))
+
+
+def test_kl_estimators_on_penalty_xor_b():
+    """Dataset (b) = {AB, BA}, agent 2 plays A with probability 0.8. The reduced-MDP advantage of
+    agent 1 (Eq. 5) favours B (-> BA, optimal); the per-sample log rho of Eq. 8, averaged over the
+    resampled data, favours A (-> AA, never in the data): it cannot see the KL of the joint actions
+    that leave the data's support. The 'policy' estimator (default) is the sound one."""
+    args = xor_args()
+    ds, model = pretrained("b", 0, args)
+    set_policy(model, 0, [0.5, 0.5])
+    set_policy(model, 1, [0.8, 0.2])
+    x = ds.transitions(ds.transition_rows())
+    lp = A.dataset_log_probs(model, ds, "policy")
+    rho = A.log_importance_ratios(lp, A.dataset_log_probs(model, ds, "ar"))[:, 0].exp()
+    a1 = x["actions"][:, 0]
+    prefs = {}
+    for est in ("policy", "sample"):
+        e = x["reward"] - 1.0 * A.kl_term(model, x, 0, est, 16)  # alpha = 1
+        # E_{D_rho}[e_hat | a_1] with exact resampling weights (nu is constant in this one-state game)
+        prefs[est] = [((rho * e)[a1 == a].sum() / rho[a1 == a].sum()).item() for a in (0, 1)]
+    assert prefs["policy"][1] > prefs["policy"][0] + 1.0
+    assert prefs["sample"][0] > prefs["sample"][1]
+
+
+# ----------------------------------------------- Penalty-XOR convergence
+def train_xor(quality: str, seed: int, **kw) -> np.ndarray:
+    args = xor_args(**kw)
+    ds, model = pretrained(quality, seed, args)
+    opts = A.make_optimizers(model, args.lr)
+    lpo = A.dataset_log_probs(model, ds, "ar")
+    gen = torch.Generator().manual_seed(seed)
+    log_rho = None
+    for step in range(args.total_steps):
+        log_rho, _ = A.train_iteration(model, opts, ds, args, step, log_rho, lpo, gen)
+    obs = torch.tensor([[0, 1, 0, 1]] * 2, dtype=torch.float32)[None]
+    p = A.make_act_fn(model.policy, torch.device("cpu")).probs(obs, torch.ones(1, 2, 2, dtype=torch.bool))[0]
+    return np.outer(p[0].numpy(), p[1].numpy())
+
+
+@pytest.mark.parametrize("quality", ["a", "b", "c", "d"])
+def test_penalty_xor_converges_to_one_optimal_joint_action(quality):
+    """AlberDICE puts >= 0.9 of its joint probability on AB or on BA for every dataset and seed
+    (the paper's Table 6: the only algorithm that is deterministic and optimal on all four)."""
+    for seed in (0, 1):
+        joint = train_xor(quality, seed)
+        assert max(joint[0, 1], joint[1, 0]) >= 0.9, f"dataset {quality} seed {seed}: joint policy {joint.round(3)}"
+
+
+# ------------------------------------------------------------ smoke tests
+class FakeSMAC(common_envs.MultiAgentEnv):
+    """A SMAC stand-in: 3 agents, local observations different from the state, changing
+    availability masks, a winner."""
+
+    n_agents, obs_dim, state_dim, discrete, n_actions = 3, 5, 7, True, 4
+
+    def __init__(self, episode_limit: int = 8):
+        self.episode_limit = episode_limit
+
+    def _observe(self):
+        avail = np.ones((3, 4), bool)
+        avail[:, 2 + (self.t % 2)] = False  # one attack action unavailable, alternating
+        obs = np.stack([np.r_[self.pos[i], self.t, i, self.pos.sum(), 1.0] for i in range(3)]).astype(np.float32)
+        return obs, np.r_[self.pos, self.t, 0.0, 0.0, 0.0].astype(np.float32), avail
+
+    def reset(self, seed=None):
+        self.t, self.pos = 0, np.zeros(3)
+        return self._observe()
+
+    def step(self, actions):
+        a = np.asarray(actions)
+        self.pos = self.pos + (a == 1) - (a == 0)
+        self.t += 1
+        won = bool((self.pos >= 2).all())
+        return (*self._observe(), float((a == 1).mean()), won, self.t >= self.episode_limit and not won, {"won": won})
+
+
+@pytest.fixture
+def fake_smac(monkeypatch):
+    monkeypatch.setitem(common_envs.FAMILIES, "smacv1", (lambda task, **o: FakeSMAC(**o), None))
+    return common_envs.make_env("smacv1", "3m")
+
+
+def smoke_args(tmp_path, path, env, task, **kw) -> A.Args:
+    base = dict(env=env, task=task, quality="random", dataset=str(path), total_steps=4, batch_size=32, eval_every=2,
+                eval_episodes=2, final_eval_episodes=2, pretrain_steps=3, hidden=8, rho_refresh=1, log_every=1,
+                device="cpu", eval_envs=2, run_dir=str(tmp_path / "run"),
+                alpha_end=0.0)  # a decaying alpha depends on total_steps, which the split run changes
+    return A.Args(**{**base, **kw})
+
+
+SMOKE_ENVS = {"matrix": ("penalty_xor", 5), "bridge": ("hard", 12), "smacv1": ("3m", 8)}  # task, data episode limit
+
+
+@pytest.mark.parametrize("name", ["matrix", "bridge", "smacv1"])
+def test_smoke_train_evaluate_resume(tmp_path, name, fake_smac):
+    """Runs end to end (run directory, metrics.json, checkpoints); training 2 + resumed 2 iterations
+    gives exactly the parameters of 4 uninterrupted iterations; --eval-only and load_policy work."""
+    task, limit = SMOKE_ENVS[name]
+    path = collect.random_dataset(name, task, 6, env_options={"episode_limit": limit}, n_envs=2).save(tmp_path / "data")
+    env = common_envs.make_env(name, task, episode_limit=limit)
+    full = A.main(smoke_args(tmp_path, path, name, task, run_dir=str(tmp_path / "full")))
+    assert set(full) >= {"return_mean", "updates_per_s", "joint_policy"}
+    A.main(smoke_args(tmp_path, path, name, task, total_steps=2))
+    A.main(smoke_args(tmp_path, path, name, task, resume=True))
+    a = torch.load(tmp_path / "full" / "checkpoints" / "latest.pt", weights_only=False)
+    b = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    seed_entry = metrics[name][f"{task}__random"]["alberdice"]["seed_0"]
+    assert {"step_0", "step_1", "absolute_metrics"} <= set(seed_entry)
+    assert (tmp_path / "run" / "done.json").is_file()
+    act = A.load_policy(str(tmp_path / "run"))
+    obs, state, avail = env.reset(0)
+    acts = act(obs[None], state[None], avail[None])
+    assert acts.shape == (1, env.n_agents) and avail[np.arange(env.n_agents), acts[0]].all()
+    out = A.main(smoke_args(tmp_path, path, name, task, eval_only=True, checkpoint=str(tmp_path / "run")))
+    assert np.isfinite(out["return_mean"])
+
+
+def test_refuses_continuous_actions(tmp_path):
+    rng = np.random.default_rng(0)
+    OfflineDataset.from_padded(
+        obs=rng.normal(size=(3, 5, 2, 3)).astype(np.float32), state=rng.normal(size=(3, 5, 4)).astype(np.float32),
+        actions=rng.uniform(-1, 1, size=(3, 4, 2, 2)).astype(np.float32), reward=np.zeros((3, 4), np.float32),
+        lengths=np.full(3, 4), terminated=np.ones(3, bool), meta={"env": "toy", "task": "t", "discrete": False},
+    ).save(tmp_path / "continuous")
+    args = A.Args(env="toy", task="t", quality="q", dataset=str(tmp_path / "continuous"), device="cpu",
+                  run_dir=str(tmp_path / "run"))
+    with pytest.raises(OfflineMarlError, match="discrete actions only"):
+        A.main(args)
