@@ -112,7 +112,7 @@ class Args:
     absorbing_horizon: int = 0
     """episodes that end for real continue in an absorbing state up to this many steps (0 = the episode
     limit the data was recorded with, from its meta, else its longest episode)"""
-    episode_limit: int = 0
+    eval_episode_limit: int = 0
     """evaluation episode limit (0 = the shipped AlberDICE config: matrix 100, bridge 20, else the dataset's)"""
     eval_envs: int = 10
     """environments stepped side by side during evaluation (one batched policy forward)"""
@@ -656,7 +656,7 @@ def data_horizon(meta: dict, dataset, override: int = 0) -> int:
 
 
 def eval_env_options(meta: dict, args: Args) -> dict:
-    limit = args.episode_limit or EVAL_EPISODE_LIMIT.get(meta["env"], 0)
+    limit = args.eval_episode_limit or EVAL_EPISODE_LIMIT.get(meta["env"], 0)
     return {"episode_limit": limit} if limit else {}
 
 

@@ -88,7 +88,7 @@ class Args:
     """width of the two-layer mixer's hidden layer"""
     grad_clip: float = 1.0
     """gradient-norm clip of each optimiser (0 = off)"""
-    stochastic_eval: bool = False
+    eval_sample: bool = False
     """evaluate by sampling actions instead of the greedy (argmax / tanh(mean)) action"""
     eval_episode_limit: int = 0
     """episode limit of the evaluation environment (0: the one the dataset was recorded with)"""
@@ -566,7 +566,7 @@ def main(args: Args) -> dict[str, Any]:
                       rng=rng_state(), data_rng=dataset.generator.get_state(), train_time=train_time,
                       last_eval=last_eval, args=dataclasses.asdict(args), dims=dims, meta=dataset.meta))
 
-    act_fn = make_act_fn(model.policy, device, not args.stochastic_eval)
+    act_fn = make_act_fn(model.policy, device, not args.eval_sample)
     eval_seed = 1_000_000 + 1_000 * args.seed  # the same test episodes at every evaluation
     bar = tqdm(total=args.total_steps, initial=step, desc="comadice", unit="upd", dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr)
@@ -616,7 +616,7 @@ def main(args: Args) -> dict[str, Any]:
 # ==================================================================== evaluation
 def load_policy(checkpoint: str, device: str = "cpu", deterministic: bool | None = None):
     """``act_fn(obs, state, avail) -> actions`` of a saved ComaDICE policy (for ``common.collect``
-    and ``--eval-only``). ``deterministic=None`` keeps the run's --stochastic-eval choice."""
+    and ``--eval-only``). ``deterministic=None`` keeps the run's --eval-sample choice."""
     from common.runs import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint, map_location=device)
@@ -624,7 +624,7 @@ def load_policy(checkpoint: str, device: str = "cpu", deterministic: bool | None
     model = build_model(ckpt["dims"], args).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    det = (not args.stochastic_eval) if deterministic is None else deterministic
+    det = (not args.eval_sample) if deterministic is None else deterministic
     act_fn = make_act_fn(model.policy, torch.device(device), det)
     act_fn.meta, act_fn.args, act_fn.step = ckpt["meta"], args, ckpt["step"]
     return act_fn
@@ -640,7 +640,7 @@ def evaluate_checkpoint(args: Args) -> dict[str, Any]:
 
     if not args.checkpoint:
         raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
-    act_fn = load_policy(args.checkpoint, str(resolve_device(args.device)), None if not args.stochastic_eval else False)
+    act_fn = load_policy(args.checkpoint, str(resolve_device(args.device)), None if not args.eval_sample else False)
     limit = args.eval_episode_limit or act_fn.args.eval_episode_limit
     env = make_env_for(act_fn.meta, **({"episode_limit": limit} if limit > 0 else {}))
     episodes = args.final_eval_episodes

@@ -116,8 +116,8 @@ class Args:
     """ablation OMCDA-w/o-dq: one entangled Q_i, V_i and mixer (OMIGA with alpha_i), allocation kept"""
     random_allocation: bool = False
     """ablation OMCDA-rd: d = Dirichlet(1) * d_tot, drawn once per seed"""
-    deterministic_eval: bool = True
-    """evaluate with the policy's mode (argmax / tanh(mean)) instead of sampling"""
+    eval_sample: bool = False
+    """evaluate with sampled actions instead of the policy's mode (argmax / tanh(mean))"""
     eval_envs: int = 10
     """environments stepped side by side during evaluation (one batched forward pass)"""
     eval_episode_limit: int = 0
@@ -604,13 +604,13 @@ def main(args: Args) -> dict[str, Any]:
             raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or run directory)")
         ck = runs.load_checkpoint(args.checkpoint)
         env = envs.make_env_for(ck["meta"], **_limit(args.eval_episode_limit))
-        runs.set_seed(args.seed)  # sampled (--no-deterministic-eval) actions are reproducible
-        act_fn = load_policy(args.checkpoint, str(device), args.deterministic_eval)
+        runs.set_seed(args.seed)  # sampled (--eval-sample) actions are reproducible
+        act_fn = load_policy(args.checkpoint, str(device), not args.eval_sample)
         res = envs.evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 + args.seed,
                             n_envs=min(args.eval_envs, args.final_eval_episodes))
         out = {k: res[k] for k in ("return_mean", "return_std", "win_rate", "length_mean")}
         print(json.dumps(dict(out, episodes=args.final_eval_episodes, step=ck["step"],
-                              deterministic=args.deterministic_eval, checkpoint=str(args.checkpoint))))
+                              deterministic=not args.eval_sample, checkpoint=str(args.checkpoint))))
         env.close()
         return res
 
@@ -643,7 +643,7 @@ def main(args: Args) -> dict[str, Any]:
                       policy=agent.policy.state_dict(), rng=runs.rng_state(), data_rng=ds.generator.get_state(),
                       config=dataclasses.asdict(args), dims=dims, meta=ds.meta, d_tot=d_tot))
 
-    act_fn = make_act_fn(agent.policy, device, args.deterministic_eval)
+    act_fn = make_act_fn(agent.policy, device, not args.eval_sample)
 
     def evaluate(episodes: int, seed: int) -> dict[str, Any]:
         agent.policy.eval()

@@ -97,6 +97,8 @@ class Args:
     """gradient-norm clip of every network"""
     eval_envs: int = 10
     """environments stepped side by side during evaluation"""
+    eval_episode_limit: int = 0
+    """episode limit of the evaluation episodes; 0: the dataset's (Bridge data: 50, AlberDICE evaluates at 20)"""
     log_every: int = 1000
     """write training scalars every this many updates"""
 
@@ -283,7 +285,8 @@ def eval_only(args: Args) -> dict[str, Any]:
         raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
     device = resolve_device(args.device)
     act_fn = load_policy(args.checkpoint, str(device))
-    res = evaluate(make_env_for(act_fn.meta), act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1),
+    env = make_env_for(act_fn.meta, episode_limit=args.eval_episode_limit)
+    res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1),
                    n_envs=args.eval_envs)
     print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
           + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
@@ -298,7 +301,7 @@ def main(args: Args) -> dict[str, Any]:
     set_seed(args.seed)
     device = resolve_device(args.device)
     data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    env = make_env_for(data.meta)
+    env = make_env_for(data.meta, episode_limit=args.eval_episode_limit)
     data.check_env(env)
     data.to(device).seed(args.seed)
     dims = dims_of(data)

@@ -111,6 +111,8 @@ class Args:
     (AlberDICE's protocol on the matrix games and Bridge); continuous predictions are deterministic"""
     eval_envs: int = 10
     """environments stepped side by side during evaluation"""
+    eval_episode_limit: int = 0
+    """episode limit of the evaluation episodes; 0: the dataset's (Bridge data: 50, AlberDICE evaluates at 20)"""
     log_every: int = 500
     """write training scalars every this many updates"""
 
@@ -349,7 +351,7 @@ def eval_only(args: Args) -> dict[str, Any]:
     act_fn = load_policy(args.checkpoint, str(device), args.eval_sample)
     if args.target_return is not None:
         act_fn.target = args.target_return
-    env = make_env_for(act_fn.meta)
+    env = make_env_for(act_fn.meta, episode_limit=args.eval_episode_limit)
     res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1), n_envs=args.eval_envs)
     print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
           + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
@@ -362,7 +364,7 @@ def main(args: Args) -> dict[str, Any]:
     set_seed(args.seed)
     device = resolve_device(args.device)
     data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    env = make_env_for(data.meta)
+    env = make_env_for(data.meta, episode_limit=args.eval_episode_limit)
     data.check_env(env)
     teacher_steps = args.total_steps // 2 if args.teacher_steps is None else args.teacher_steps
     if not 0 <= teacher_steps <= args.total_steps:

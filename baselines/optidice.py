@@ -93,10 +93,10 @@ class Args:
     absorbing_horizon: int = 0
     """episodes that end for real continue in an absorbing state up to this many steps (0 = the episode
     limit the data was recorded with, from its meta, else its longest episode)"""
-    sample_actions: bool = True
+    eval_sample: bool = True
     """discrete: sample actions from the policy during evaluation (as the AlberDICE paper evaluates);
     False = argmax. Continuous policies always act with their mean"""
-    episode_limit: int = 0
+    eval_episode_limit: int = 0
     """evaluation episode limit (0 = matrix 100, bridge 20 as the shipped AlberDICE configs, else the dataset's)"""
     eval_envs: int = 10
     """environments stepped side by side during evaluation"""
@@ -260,7 +260,7 @@ def load_policy(checkpoint: str, device: str = "cpu"):
     policy = Policy(d["n_agents"], d["obs_dim"], d["discrete"], d["n_out"], d["hidden"])
     policy.load_state_dict(ck["policy"])
     policy.to(device).eval()
-    return make_act_fn(policy, torch.device(device), sample=d.get("sample_actions", True), seed=int(ck.get("seed", 0)))
+    return make_act_fn(policy, torch.device(device), sample=d.get("eval_sample", True), seed=int(ck.get("seed", 0)))
 
 
 def evaluate_policy(env, act_fn, episodes: int, seed: int, n_envs: int) -> dict:
@@ -281,7 +281,7 @@ def joint_policy_table(env, act_fn) -> list | None:
 
 
 def eval_env_options(meta: dict, args: Args) -> dict:
-    limit = args.episode_limit or EVAL_EPISODE_LIMIT.get(meta["env"], 0)
+    limit = args.eval_episode_limit or EVAL_EPISODE_LIMIT.get(meta["env"], 0)
     return {"episode_limit": limit} if limit else {}
 
 
@@ -311,7 +311,7 @@ def main(args: Args) -> dict:
     discrete = dataset.discrete
     n_out = dataset.n_actions if discrete else dataset.act_dim
     dims = dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, discrete=discrete, n_out=n_out,
-                hidden=args.hidden, sample_actions=args.sample_actions)
+                hidden=args.hidden, eval_sample=args.eval_sample)
     policy = Policy(dataset.n_agents, dataset.obs_dim, discrete, n_out, args.hidden).to(device)
     nu = Nu(dataset.state_dim, args.hidden).to(device)
     opt_pi = torch.optim.Adam(policy.parameters(), lr=args.lr)
@@ -335,7 +335,7 @@ def main(args: Args) -> dict:
                   "sampler": dataset.generator.get_state(), "dims": dims, "seed": args.seed,
                   "dataset_meta": dataset.meta, "args": vars(args)})
 
-    act_fn = make_act_fn(policy, device, sample=args.sample_actions, seed=args.seed)
+    act_fn = make_act_fn(policy, device, sample=args.eval_sample, seed=args.seed)
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     t0, steps_done = time.time(), 0
     B = args.batch_size

@@ -695,10 +695,13 @@ def make_env(env: str, task: str, **options: Any) -> MultiAgentEnv:
     return e
 
 
-def make_env_for(meta: dict[str, Any], **options: Any) -> MultiAgentEnv:
+def make_env_for(meta: dict[str, Any], episode_limit: int = 0, **options: Any) -> MultiAgentEnv:
     """The environment a dataset was recorded in: ``meta['env']``/``meta['task']``
     with the dataset's ``meta['env_options']`` (e.g. the MaMuJoCo ``obs_mode``),
-    overridden by ``options`` (e.g. an evaluation ``episode_limit``)."""
+    overridden by ``options``; ``episode_limit`` > 0 replaces the dataset's limit
+    (an evaluation protocol's), 0 keeps it."""
+    if episode_limit > 0:
+        options["episode_limit"] = episode_limit
     return make_env(meta["env"], meta["task"], **{**meta.get("env_options", {}), **options})
 
 

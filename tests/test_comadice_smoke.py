@@ -154,7 +154,7 @@ def test_resume_continues_bit_identically_and_eval_only(tmp_path, monkeypatch):
     assert out["episodes"] == 4 and out["step"] == 80 and np.isfinite(out["return_mean"])
     metrics = json.loads((first / "metrics.json").read_text())
     assert len(metrics["matrix"]["penalty_xor__test"]["comadice"]["seed_0"]["absolute_metrics"]["episode_return"]) == 4
-    out = C.main(C.Args(eval_only=True, checkpoint=str(first), final_eval_episodes=2, stochastic_eval=True))
+    out = C.main(C.Args(eval_only=True, checkpoint=str(first), final_eval_episodes=2, eval_sample=True))
     assert out["episodes"] == 2 and "metrics" not in out  # an existing final evaluation is not overwritten
     assert (first / "metrics.json").read_text() == json.dumps(metrics, indent=1) + "\n"
     # a finished run is not trained again
