@@ -526,11 +526,23 @@ def get(env: str, task: str, quality: str, /) -> None:
     print(OfflineDataset.load(path))
 
 
+def stats(env: str, task: str, quality: str, /, dataset: str | None = None) -> dict:
+    """Print one JSON line of a dataset's statistics (episodes, transitions, episode return
+    mean/std/min/max over every stored episode, episode lengths, terminal and timeout ends),
+    fetching or generating it first; ``--dataset PATH`` reads that file instead."""
+    ds = load(env, task, quality, dataset)
+    out = {"env": env, "task": task, "quality": quality, **ds.summary(),
+           "terminal_ends": int(np.asarray(ds.arrays["terminal"]).sum()),
+           "timeout_ends": int(np.asarray(ds.arrays["timeout"]).sum())}
+    print(json.dumps(out))
+    return out
+
+
 def cli(args: list[str] | None = None) -> None:
-    """``python -m common.catalog {list,get} ...``"""
+    """``python -m common.catalog {list,get,stats} ...``"""
     import tyro
 
-    tyro.extras.subcommand_cli_from_dict({"list": list_datasets, "get": get}, args=args,
+    tyro.extras.subcommand_cli_from_dict({"list": list_datasets, "get": get, "stats": stats}, args=args,
                                          description="The known offline MARL datasets.")
 
 

@@ -2,6 +2,7 @@
 downloads through a fake opener (no network here), and the messages for what is missing."""
 
 import io
+import json
 import shutil
 import sys
 import types
@@ -258,3 +259,17 @@ def test_real_collect_recipes_are_used(monkeypatch):
     ds = OfflineDataset.load(p)
     assert p == data_dir() / "matrix" / "penalty_xor" / "a" and ds.meta["source"] == "generated"
     assert ds.n_episodes == 100 and float(ds.episode_returns().mean()) == 50.0
+
+
+def test_cli_stats_of_a_dataset_file(tmp_path, capsys):
+    """``stats`` reports the episode returns and ends of exactly the stored episodes."""
+    path = native(tmp_path / "ds", seed=3)
+    ds = OfflineDataset.load(path)
+    catalog.cli(["stats", "matrix", "xor", "a", "--dataset", str(path)])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    eps = make_episodes(E=2, seed=3)
+    returns = np.array([e["reward"].sum() for e in eps])
+    assert out["episodes"] == 2 and out["transitions"] == sum(len(e["reward"]) for e in eps)
+    assert out["return_mean"] == pytest.approx(returns.mean(), rel=1e-5)
+    assert out["return_min"] == pytest.approx(returns.min(), rel=1e-5)
+    assert out["terminal_ends"] == sum(e["terminated"] for e in eps) and out["episodes"] == ds.n_episodes
