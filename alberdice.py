@@ -112,6 +112,8 @@ class Args:
     absorbing_horizon: int = 0
     """episodes that end for real continue in an absorbing state up to this many steps (0 = the episode
     limit the data was recorded with, from its meta, else its longest episode)"""
+    eval_sample: bool = True
+    """sample actions from the policies during evaluation (the paper's protocol); False: the argmax"""
     eval_episode_limit: int = 0
     """evaluation episode limit (0 = the shipped AlberDICE config: matrix 100, bridge 20, else the dataset's)"""
     eval_envs: int = 10
@@ -514,8 +516,9 @@ def make_optimizers(model: AlberDICE, lr: float) -> dict:
 
 
 # ======================================================== policy and evaluation
-def make_act_fn(policy: AgentMLP, device: torch.device, seed: int = 0):
-    """act_fn(obs [E,N,o], state, avail [E,N,K]) -> sampled actions [E, N] (stochastic, as the paper evaluates).
+def make_act_fn(policy: AgentMLP, device: torch.device, seed: int = 0, sample: bool = True):
+    """act_fn(obs [E,N,o], state, avail [E,N,K]) -> actions [E, N], sampled (as the paper evaluates)
+    or, with ``sample=False``, the most probable available action.
     ``act_fn.probs(obs, avail)`` returns the action probabilities ``[E, N, K]``."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -530,20 +533,22 @@ def make_act_fn(policy: AgentMLP, device: torch.device, seed: int = 0):
     def act_fn(obs, state, avail):
         p = probs(obs, avail)
         E, N, K = p.shape
+        if not sample:
+            return p.argmax(-1).cpu().numpy()
         return torch.multinomial(p.reshape(E * N, K), 1, generator=gen).view(E, N).cpu().numpy()
 
     act_fn.probs = probs
     return act_fn
 
 
-def load_policy(checkpoint: str, device: str = "cpu"):
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool = True):
     """The trained joint policy of a checkpoint (file or run directory) as ``act_fn``."""
     ck = load_checkpoint(checkpoint, map_location=device)
     cfg = ck["dims"]
     model = AlberDICE(cfg["n_agents"], cfg["obs_dim"], cfg["state_dim"], cfg["n_actions"], cfg["hidden"])
     model.load_state_dict(ck["model"])
     model.to(device).eval()
-    return make_act_fn(model.policy, torch.device(device), seed=int(ck.get("seed", 0)))
+    return make_act_fn(model.policy, torch.device(device), seed=int(ck.get("seed", 0)), sample=sample)
 
 
 def evaluate_policy(env, act_fn, episodes: int, seed: int, n_envs: int) -> dict:
@@ -575,7 +580,7 @@ def main(args: Args) -> dict:
         ck = load_checkpoint(args.checkpoint)
         meta = ck["dataset_meta"]
         env = make_env_for(meta, **eval_env_options(meta, args))
-        act_fn = load_policy(args.checkpoint, str(device))
+        act_fn = load_policy(args.checkpoint, str(device), sample=args.eval_sample)
         res = evaluate_policy(env, act_fn, args.final_eval_episodes, args.seed + 10_000, args.eval_envs)
         out = {k: res[k] for k in ("return_mean", "return_std", "return_per_step", "win_rate", "length_mean")}
         out["joint_policy"] = joint_policy_table(env, act_fn)
@@ -616,7 +621,7 @@ def main(args: Args) -> dict:
 
     if ck is None:
         save(0)
-    act_fn = make_act_fn(model.policy, device, seed=args.seed)
+    act_fn = make_act_fn(model.policy, device, seed=args.seed, sample=args.eval_sample)
     logp_data_others = dataset_log_probs(model, dataset, "ar")  # pi_{-i}^D is fixed after pretraining
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     log_rho = None
