@@ -318,3 +318,18 @@ def test_refuses_continuous_actions(tmp_path):
                   run_dir=str(tmp_path / "run"))
     with pytest.raises(OfflineMarlError, match="discrete actions only"):
         A.main(args)
+
+
+def test_greedy_evaluation_takes_the_most_probable_available_action():
+    torch.manual_seed(0)
+    policy = A.AgentMLP(3, 4, 5, 16)
+    obs = np.random.default_rng(0).normal(size=(6, 3, 4)).astype(np.float32)
+    avail = np.random.default_rng(1).random((6, 3, 5)) < 0.6
+    avail[..., 0] = True
+    greedy = A.make_act_fn(policy, torch.device("cpu"), sample=False)
+    p = greedy.probs(obs, avail).numpy()
+    a = greedy(obs, None, avail)
+    assert (a == p.argmax(-1)).all() and avail[np.arange(6)[:, None], np.arange(3), a].all()
+    sampled = A.make_act_fn(policy, torch.device("cpu"), seed=0)
+    draws = np.stack([sampled(obs, None, avail) for _ in range(200)])
+    assert avail[np.arange(6)[:, None], np.arange(3), draws].all() and len(np.unique(draws)) > 1
