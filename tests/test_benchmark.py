@@ -227,3 +227,22 @@ def test_ray_backend_on_a_local_instance(tmp_path, algos):
     specs = bm.expand_grid(algos, "bridge", ["hard"], ["mix"], [0], extra=["--total-steps", "100"])
     res = bm.run_grid(specs, root, backend="ray", threads=1)
     assert [r.status for r in res] == ["ok", "ok"], bm.report(res)
+
+
+def test_tiny_real_grid_on_bridge(tmp_path, monkeypatch):
+    """Two real algorithm files x two seeds on Bridge through the local pool: every run finishes,
+    the table has both algorithms with n = 2, and running the grid again does no work."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("OFFLINE_MARL_DATA", str(tmp_path / "data"))
+    flags = ["--device", "cpu", "--total-steps", "20", "--eval-every", "10", "--eval-episodes", "2",
+             "--final-eval-episodes", "4", "--eval-episode-limit", "20", "--batch-size", "32", "--hidden", "16"]
+    specs = bm.expand_grid(["baselines/bc.py", "baselines/optidice.py"], "bridge", ["hard"], ["mix"], [0, 1], flags)
+    root = tmp_path / "grid"
+    res = bm.run_grid(specs, root, workers=2, progress=False)
+    assert all(r.status == "ok" for r in res), bm.report(res)
+    records = bm.load_runs(root)
+    assert sorted((r.algo, r.seed) for r in records) == [("bc", 0), ("bc", 1), ("optidice", 0), ("optidice", 1)]
+    assert all(-30 <= r.final <= -1.2 for r in records)  # Bridge hard: optimum -1.235 at limit 20
+    text, _ = bm.write_outputs(root, plots=str(tmp_path / "plots"), reps=200)
+    assert "| bridge | hard | mix | bc | 2 |" in text and "| bridge | hard | mix | optidice | 2 |" in text
+    assert all(r.status == "skipped" for r in bm.run_grid(specs, root, workers=2, progress=False))
