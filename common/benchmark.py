@@ -303,8 +303,11 @@ class RunRecord:
     metrics: dict[str, Any]
 
 
-def load_runs(root: str | Path) -> list[RunRecord]:
-    """Every run under ``root`` (recursively) that has a config.json and metrics.json."""
+def load_runs(root: str | Path, include_unfinished: bool = False) -> list[RunRecord]:
+    """Every run under ``root`` (recursively) that has a config.json and a metrics.json with
+    its final evaluation (``absolute_metrics``). A run still training or killed has only
+    intermediate evaluations: it is left out, unless ``include_unfinished`` (then its last
+    evaluation stands in for the final one)."""
     out = []
     for mpath in sorted(Path(root).rglob("metrics.json")):
         d = mpath.parent
@@ -327,12 +330,12 @@ def load_runs(root: str | Path) -> list[RunRecord]:
         if absm:
             final = float(np.mean(absm["episode_return"]))
             win = float(np.mean(absm["win_rate"])) if "win_rate" in absm else None
-        elif len(curve):
+        elif len(curve) and include_unfinished:
             final = float(curve[-1])
             last = entry[step_keys[-1]]
             win = float(np.mean(last["win_rate"])) if "win_rate" in last else None
         else:
-            continue  # no evaluation yet
+            continue  # unfinished (or no evaluation yet)
         best = float(max(curve.max() if len(curve) else -np.inf, final))
         out.append(RunRecord(env, cfg.get("task", task_key.split("__")[0]), cfg.get("quality", ""), algo,
                              int(cfg.get("seed", seed_key.split("_")[-1])), steps, curve, final, best, win, metrics))
@@ -542,6 +545,9 @@ def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int 
         raise BenchmarkError(f"no finished evaluations under {root}")
     stats = aggregate(records, reps=reps)
     md = (header + "\n\n" if header else "") + markdown_tables(stats, records)
+    left_out = len(load_runs(root, include_unfinished=True)) - len(records)
+    if left_out:
+        md += f"\n{left_out} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
     (root / "results.md").write_text(md)
     (root / "metrics.json").write_text(json.dumps(merged_metrics(records), indent=1))
     if table:

@@ -163,6 +163,19 @@ def test_aggregation_known_answers(tmp_path):
     assert set(merged["bridge"]["hard__mix"]) == {"a", "b"} and len(merged["bridge"]["hard__mix"]["a"]) == 5
 
 
+def test_unfinished_runs_are_left_out_of_the_tables(tmp_path):
+    """A run that is still training (or was killed) has intermediate evaluations only: it must
+    not enter the table as if its last evaluation were final."""
+    _write_run(tmp_path, "a", 0, [5.0], curve=[1.0, 5.0])
+    args = SimpleNamespace(env="bridge", task="hard", quality="mix", seed=1, run_dir=str(tmp_path / "a_1"))
+    run = Run(args, "a", tensorboard=False)
+    run.log_eval(100, dict(returns=[-50.0], won=None, return_mean=-50.0, return_std=0.0, length_mean=1.0))
+    assert [r.seed for r in bm.load_runs(tmp_path)] == [0]
+    assert sorted(r.final for r in bm.load_runs(tmp_path, include_unfinished=True)) == [-50.0, 5.0]
+    md, stats = bm.write_outputs(tmp_path, plots=str(tmp_path / "plots"), reps=100)
+    assert stats[0].n == 1 and stats[0].final_mean == 5.0 and "1 unfinished run(s)" in md
+
+
 def test_bootstrap_ci_covers_true_mean():
     """95% percentile-bootstrap CIs of the mean of N(5, 1) samples cover 5 most of the time."""
     rng = np.random.default_rng(0)
