@@ -18,8 +18,6 @@ each agent's local observation (App. J.1); nu_i, e_i and pi_{-i}^D see the globa
 Discrete actions only (see ``check_discrete``).
 """
 
-from __future__ import annotations
-
 import itertools
 import json
 import math

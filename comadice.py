@@ -16,8 +16,6 @@ unbounded below as written; this file uses the well-posed version derived in the
 mixes without a bias, and the nu gradient carries the gamma * nu_tot(s') path of Eq. 5.
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import json

@@ -15,8 +15,6 @@ constraint mixer (Eq. 52) -> policy (Eq. 54) -> influence m, budgets d = m * d_t
 pi_b are fitted by behaviour cloning first and then frozen.
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import json

@@ -16,8 +16,6 @@ over out-of-distribution joint actions when the data mixes coordinated behaviour
 dataset {AB, BA} gives uniform individual policies, so AA and BB are played half of the time).
 """
 
-from __future__ import annotations
-
 import json
 import math
 import time

@@ -17,8 +17,6 @@ penalty. Agents share weights and see a one-hot id, all in one forward pass.
     python baselines/cql.py --env bridge --task hard --quality mix --total-steps 50000
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import math

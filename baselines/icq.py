@@ -23,8 +23,6 @@ share weights and see a one-hot id, all in one forward pass.
     python baselines/icq.py --env mamujoco --task Hopper-3x1 --quality medium --seq-len 20
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import math

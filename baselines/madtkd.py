@@ -20,8 +20,6 @@ student conditions on a target return, lowered by the rewards received (Eq. K3).
     python baselines/madtkd.py --env mamujoco --task Hopper-3x1 --quality medium
 """
 
-from __future__ import annotations
-
 import dataclasses
 import time
 from dataclasses import dataclass

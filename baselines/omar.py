@@ -21,8 +21,6 @@ variant"). Agents share weights and see a one-hot id, all in one forward pass.
     python baselines/omar.py --env bridge --task hard --quality mix --total-steps 20000
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import math

@@ -16,8 +16,6 @@ continuous actions; agents share weights and see a one-hot id, all in one forwar
     python baselines/omiga.py --env bridge --task hard --quality mix --total-steps 50000
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import math

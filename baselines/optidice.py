@@ -22,8 +22,6 @@ clone picks out-of-distribution joint actions (App. C): the failure AlberDICE ad
 Discrete and continuous actions.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import time
