@@ -4,55 +4,26 @@ test_envs_smac.py), and the train / resume / eval-only round trip."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from common import collect, envs
 from common.data import OfflineDataset
 from common.envs import MultiAgentEnv
 
+from _baselines_common import (  # noqa: F401  (re-exported to the ICQ, OMAR and MADTKD tests)
+    env_or_skip, load_script, one_thread, resume_is_exact, smoke_resume_eval)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    """Import ``baselines/<name>.py`` by path (the baselines are scripts, not a package)."""
-    key = f"_baseline_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, ROOT / "baselines" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[key] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def one_thread():
-    """Generator for an autouse fixture: tiny networks run fastest on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_data(path: Path, env: str, task: str, episodes: int = 4, seed: int = 0, **env_options) -> Path:
     """``episodes`` uniform-random episodes of env/task (common.collect), saved at ``path``."""
     collect.random_dataset(env, task, episodes, seed=seed, env_options=env_options, n_envs=2).save(path)
     return path
-
-
-def env_or_skip(env: str, task: str, **options) -> None:
-    """Skip the calling test when ``env`` is not installed here."""
-    try:
-        envs.make_env(env, task, **options).close()
-    except envs.EnvError as e:
-        pytest.skip(f"{env}/{task} not available: {e}")
 
 
 def install_fake_smac(monkeypatch, tmp_path: Path) -> None:
@@ -83,38 +54,6 @@ def matrix_data(path: Path, joint: list[tuple[int, int]], task: str = "penalty_x
                 env_options={"episode_limit": horizon})
     OfflineDataset.from_episodes(eps, meta).save(path)
     return path
-
-
-def smoke_resume_eval(mod, tmp_path: Path, dataset: Path, env: str, task: str, **overrides) -> dict:
-    """Train 4 updates (checkpoints at 2 and 4), resume to 6, then --eval-only; check the run's files."""
-    run_dir = tmp_path / "run"
-    base = dict(env=env, task=task, quality="test", dataset=str(dataset), device="cpu", eval_every=2, eval_episodes=2,
-                final_eval_episodes=2, eval_envs=2, log_every=2, run_dir=str(run_dir), **overrides)
-    mod.main(mod.Args(total_steps=4, **base))
-    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["step"] == 4
-    summary = mod.main(mod.Args(total_steps=6, resume=True, **base))
-    assert summary["steps"] == 6 and np.isfinite(summary["return_mean"])
-    entry = json.loads((run_dir / "metrics.json").read_text())[env][f"{task}__test"][mod.ALGO]["seed_0"]
-    steps = sorted(v["step_count"] for k, v in entry.items() if k.startswith("step_"))
-    assert steps[-1] == 6 and len(entry["absolute_metrics"]["episode_return"]) == 2
-    assert (run_dir / "done.json").is_file() and (run_dir / "config.json").is_file()
-    res = mod.main(mod.Args(eval_only=True, checkpoint=str(run_dir), **{**base, "run_dir": ""}))
-    assert np.isfinite(res["return_mean"])
-    return summary
-
-
-def resume_is_exact(mod, tmp_path: Path, dataset: Path, env: str, task: str, **overrides) -> None:
-    """Training 0 -> 6 in one go and 0 -> 3, resume -> 6 give the same parameters."""
-    base = dict(env=env, task=task, quality="test", dataset=str(dataset), device="cpu", eval_every=3, eval_episodes=1,
-                final_eval_episodes=1, eval_envs=1, log_every=3, **overrides)
-    mod.main(mod.Args(total_steps=6, run_dir=str(tmp_path / "a"), **base))
-    mod.main(mod.Args(total_steps=3, run_dir=str(tmp_path / "b"), **base))
-    mod.main(mod.Args(total_steps=6, run_dir=str(tmp_path / "b"), resume=True, **base))
-    a = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=False)["nets"]
-    b = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=False)["nets"]
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
 
 
 class ContinuousBandit(MultiAgentEnv):

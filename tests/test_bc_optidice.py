@@ -14,6 +14,7 @@ import torch
 
 from common import collect
 from common import envs as common_envs
+from test_alberdice import FakeSMAC  # the same SMAC stand-in as the AlberDICE smoke tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,33 +131,6 @@ def test_bc_continuous_recovers_a_linear_policy():
 
 
 # ------------------------------------------------------------ smoke tests
-class FakeSMAC(common_envs.MultiAgentEnv):
-    """A SMAC stand-in: 3 agents, local observations different from the state, changing
-    availability masks, a winner."""
-
-    n_agents, obs_dim, state_dim, discrete, n_actions = 3, 5, 7, True, 4
-
-    def __init__(self, episode_limit: int = 8):
-        self.episode_limit = episode_limit
-
-    def _observe(self):
-        avail = np.ones((3, 4), bool)
-        avail[:, 2 + (self.t % 2)] = False
-        obs = np.stack([np.r_[self.pos[i], self.t, i, self.pos.sum(), 1.0] for i in range(3)]).astype(np.float32)
-        return obs, np.r_[self.pos, self.t, 0.0, 0.0, 0.0].astype(np.float32), avail
-
-    def reset(self, seed=None):
-        self.t, self.pos = 0, np.zeros(3)
-        return self._observe()
-
-    def step(self, actions):
-        a = np.asarray(actions)
-        self.pos = self.pos + (a == 1) - (a == 0)
-        self.t += 1
-        won = bool((self.pos >= 2).all())
-        return (*self._observe(), float((a == 1).mean()), won, self.t >= self.episode_limit and not won, {"won": won})
-
-
 class FakeContinuous(common_envs.MultiAgentEnv):
     """A continuous stand-in (MaMuJoCo-like): 2 agents, actions in [-1, 1]^2, reward for matching a target."""
 
