@@ -252,6 +252,20 @@ def rollout_dataset(path: Path, env_name: str, task: str, episodes: int = 4, see
     return path
 
 
+def continuous_smoke_data(tmp_path: Path, monkeypatch) -> tuple[Path, str, str]:
+    """(dataset, env, task) for a continuous smoke run: two short random episodes of the real
+    Hopper-3x1 where MaMuJoCo installs, else the continuous stand-in."""
+    import pytest
+
+    try:
+        env_or_skip("mamujoco", "Hopper-3x1")
+        data = rollout_dataset(tmp_path / "data", "mamujoco", "Hopper-3x1", episodes=2, max_steps=20)
+        return data, "mamujoco", "Hopper-3x1"
+    except pytest.skip.Exception:
+        install_fakes(monkeypatch)
+        return fake_continuous_dataset(tmp_path / "data"), "mamujoco", "Toy-2x2"
+
+
 def env_or_skip(env_name: str, task: str, **options) -> None:
     """Skip the calling test when ``env_name`` is not implemented or not installed here."""
     import pytest

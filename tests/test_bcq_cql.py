@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from _baselines_common import (env_or_skip, fake_continuous_dataset, fake_smac_dataset, install_fakes, load_script,
-                               matrix_dataset, one_thread, resume_is_exact, rollout_dataset, separable_matrix,
-                               smoke_resume_eval)
+from _baselines_common import (continuous_smoke_data, env_or_skip, fake_smac_dataset, install_fakes,
+                               load_script, matrix_dataset, one_thread, resume_is_exact, rollout_dataset,
+                               separable_matrix, smoke_resume_eval)
 
 bcq = load_script("bcq")
 cql = load_script("cql")
@@ -205,13 +205,7 @@ def test_smoke_bridge(algo, tmp_path):
 @pytest.mark.parametrize("algo", ["bcq", "cql"])
 def test_smoke_mamujoco_and_exact_resume(algo, monkeypatch, tmp_path):
     mod = {"bcq": bcq, "cql": cql}[algo]
-    try:
-        env_or_skip("mamujoco", "Hopper-3x1")
-        data = rollout_dataset(tmp_path / "data", "mamujoco", "Hopper-3x1", episodes=2, max_steps=20)
-        env, task = "mamujoco", "Hopper-3x1"
-    except pytest.skip.Exception:
-        install_fakes(monkeypatch)
-        data, env, task = fake_continuous_dataset(tmp_path / "data"), "mamujoco", "Toy-2x2"
+    data, env, task = continuous_smoke_data(tmp_path, monkeypatch)
     smoke_resume_eval(mod, tmp_path / "smoke", data, env, task, n_action_samples=3)
     resume_is_exact(mod, tmp_path / "resume", data, env, task, n_action_samples=3)
 

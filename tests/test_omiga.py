@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from _baselines_common import (env_or_skip, fake_continuous_dataset, fake_smac_dataset, install_fakes, load_script,
-                               matrix_dataset, one_thread, resume_is_exact, rollout_dataset, separable_matrix,
-                               smoke_resume_eval)
+from _baselines_common import (continuous_smoke_data, env_or_skip, fake_smac_dataset, install_fakes,
+                               load_script, matrix_dataset, one_thread, resume_is_exact, rollout_dataset,
+                               separable_matrix, smoke_resume_eval)
 
 omiga = load_script("omiga")
 _one_thread = pytest.fixture(autouse=True)(one_thread)
@@ -126,13 +126,7 @@ def test_smoke_bridge(tmp_path):
 
 
 def test_smoke_mamujoco_and_exact_resume(monkeypatch, tmp_path):
-    try:
-        env_or_skip("mamujoco", "Hopper-3x1")
-        data = rollout_dataset(tmp_path / "data", "mamujoco", "Hopper-3x1", episodes=2, max_steps=20)
-        env, task = "mamujoco", "Hopper-3x1"
-    except pytest.skip.Exception:
-        install_fakes(monkeypatch)
-        data, env, task = fake_continuous_dataset(tmp_path / "data"), "mamujoco", "Toy-2x2"
+    data, env, task = continuous_smoke_data(tmp_path, monkeypatch)
     smoke_resume_eval(omiga, tmp_path / "smoke", data, env, task, mixer_input="obs")
     resume_is_exact(omiga, tmp_path / "resume", data, env, task)
 
