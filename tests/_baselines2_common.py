@@ -87,3 +87,29 @@ def continuous_bandit(monkeypatch, path: Path, episodes: int = 256, seed: int = 
                         reward=np.array([r], np.float32), terminated=True))
     OfflineDataset.from_episodes(eps, dict(env="cbandit", task="one_step", quality="test", source="tests")).save(path)
     return path
+
+
+SMOKE_FAMILIES = ["matrix", "bridge", "smacv1", "rware", "mamujoco"]
+
+
+def smoke_family(mod, family: str, tmp_path: Path, monkeypatch, per_family: dict | None = None, **small) -> None:
+    """The smoke run of one environment family (train, resume, --eval-only; exact resume on the
+    matrix game and MaMuJoCo) on a tiny dataset; ``per_family[family]`` adds flags there."""
+    extra = {**small, **(per_family or {}).get(family, {})}
+    if family == "matrix":
+        data, task = matrix_data(tmp_path / "data", [(0, 1), (1, 0)]), "penalty_xor"
+    elif family == "bridge":
+        data, task = random_data(tmp_path / "data", "bridge", "hard", episode_limit=12), "hard"
+        extra.setdefault("eval_sample", True)
+    elif family == "smacv1":
+        install_fake_smac(monkeypatch, tmp_path)
+        data, task = random_data(tmp_path / "data", "smacv1", "3m"), "3m"
+    elif family == "rware":
+        env_or_skip("rware", "tiny-2ag")
+        data, task = random_data(tmp_path / "data", "rware", "tiny-2ag", episodes=2, episode_limit=10), "tiny-2ag"
+    else:
+        env_or_skip("mamujoco", "Hopper-3x1")
+        data, task = random_data(tmp_path / "data", "mamujoco", "Hopper-3x1", episodes=2, episode_limit=15), "Hopper-3x1"
+    smoke_resume_eval(mod, tmp_path / "smoke", data, family, task, **extra)
+    if family in ("matrix", "mamujoco"):
+        resume_is_exact(mod, tmp_path / "resume", data, family, task, **extra)

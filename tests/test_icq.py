@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from _baselines2_common import (continuous_bandit, env_or_skip, install_fake_smac, load_script, matrix_data,
-                                one_thread, random_data, resume_is_exact, smoke_resume_eval)
+from _baselines2_common import (SMOKE_FAMILIES, continuous_bandit, load_script, matrix_data, one_thread,
+                                smoke_family)
 from common import envs
 from common.data import OfflineDataset
 
@@ -148,31 +148,6 @@ def test_continuous_actions_learn_the_best_action_of_a_one_step_game(monkeypatch
     assert s["return_mean"] > -0.02
 
 
-def test_smoke_matrix_and_exact_resume(tmp_path):
-    data = matrix_data(tmp_path / "data", [(0, 1), (1, 0)])
-    smoke_resume_eval(icq, tmp_path / "smoke", data, "matrix", "penalty_xor", **SMALL)
-    resume_is_exact(icq, tmp_path / "resume", data, "matrix", "penalty_xor", **SMALL)
-
-
-def test_smoke_bridge_windows(tmp_path):
-    data = random_data(tmp_path / "data", "bridge", "hard", episode_limit=12)
-    smoke_resume_eval(icq, tmp_path, data, "bridge", "hard", seq_len=4, eval_sample=True, **SMALL)
-
-
-def test_smoke_smac_standin(monkeypatch, tmp_path):
-    install_fake_smac(monkeypatch, tmp_path)
-    data = random_data(tmp_path / "data", "smacv1", "3m")
-    smoke_resume_eval(icq, tmp_path, data, "smacv1", "3m", **SMALL)
-
-
-def test_smoke_rware(tmp_path):
-    env_or_skip("rware", "tiny-2ag")
-    data = random_data(tmp_path / "data", "rware", "tiny-2ag", episodes=2, episode_limit=10)
-    smoke_resume_eval(icq, tmp_path, data, "rware", "tiny-2ag", **SMALL)
-
-
-def test_smoke_mamujoco_and_exact_resume(tmp_path):
-    env_or_skip("mamujoco", "Hopper-3x1")
-    data = random_data(tmp_path / "data", "mamujoco", "Hopper-3x1", episodes=2, episode_limit=15)
-    smoke_resume_eval(icq, tmp_path / "smoke", data, "mamujoco", "Hopper-3x1", seq_len=5, **SMALL)
-    resume_is_exact(icq, tmp_path / "resume", data, "mamujoco", "Hopper-3x1", seq_len=5, n_baseline_samples=2, **SMALL)
+@pytest.mark.parametrize("family", SMOKE_FAMILIES)
+def test_smoke_every_family(family, tmp_path, monkeypatch):
+    smoke_family(icq, family, tmp_path, monkeypatch, per_family={"bridge": {"seq_len": 4}, "mamujoco": {"seq_len": 5, "n_baseline_samples": 2}}, **SMALL)
