@@ -363,7 +363,7 @@ def main(args: Args) -> dict[str, Any]:
         with torch.no_grad():
             g = nets["vae"].decode(x)
         a_new = perturb(g, nets["actor"](x, g), args.phi)
-        actor_loss = -((w.detach()[0] * q(x, a_new)[0]).sum(-1) + bias.detach()[0]).mean()
+        actor_loss = -((w.detach()[0] * q(x, a_new)[0]).sum(-1) + bias.detach()[0]).mean()  # Eq. B7
         step_on("actor", actor_loss)
         for t in ("q", "mixer", "actor"):
             polyak(nets[t + "_target"], nets[t], args.tau)

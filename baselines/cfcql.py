@@ -428,7 +428,7 @@ def main(args: Args) -> dict[str, Any]:
         a_pi = actor(x)
         q_pi = q.q[0](torch.cat([x, a_pi], -1)).squeeze(-1)  # [B, N]
         q_cf = mixer.m[0](counterfactual_joint(q_pi.unsqueeze(-1), q_data[0].detach()).squeeze(2), s)  # [B, N]
-        actor_loss = -q_cf.mean() + args.action_reg * a_pi.pow(2).mean()
+        actor_loss = -q_cf.mean() + args.action_reg * a_pi.pow(2).mean()  # TD3 actor step on the F1 counterfactual Q_tot
         step_on("actor", actor_loss, 0.5)
         for t in ("q", "mixer", "actor"):
             polyak(nets[t + "_target"], nets[t], args.tau)

@@ -438,7 +438,7 @@ def main(args: Args) -> dict[str, Any]:
         q_taken = critic(xc[:, :L], act[:, :L])
         qtot = mixer(q_taken, state[:, :L])
         n_loss = loss_mask.sum().clamp(min=1.0)
-        critic_loss = (((qtot - y) ** 2) * loss_mask).sum() / n_loss
+        critic_loss = (((qtot - y) ** 2) * loss_mask).sum() / n_loss  # Eq. I3
 
         # policy step (Eq. I4): weighted behaviour cloning with weights exp(w_i A_i / alpha) / Z_i
         with torch.no_grad():
@@ -466,7 +466,7 @@ def main(args: Args) -> dict[str, Any]:
         else:
             mu, log_std = policy.gauss(pout[:, :L])
             logp = tanh_gaussian_logp(mu, log_std, act[:, :L])
-        policy_loss = -((omega * logp).sum(-1) * loss_mask).sum() / n_loss
+        policy_loss = -((omega * logp).sum(-1) * loss_mask).sum() / n_loss  # Eq. I4
 
         for loss, key, params in ((critic_loss, "critic", critic_params), (policy_loss, "policy", policy.parameters())):
             opt[key].zero_grad(set_to_none=True)

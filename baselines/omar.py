@@ -362,7 +362,7 @@ def main(args: Args) -> dict[str, Any]:
             logp_s = torch.cat([logp_unif, logp_noise[0], logp_noise[1]])
         qs1, qs2 = critic(x.expand(3 * M, *x.shape), a_s)
         cql = cql_penalty_continuous(qs1, logp_s, q1) + cql_penalty_continuous(qs2, logp_s, q2)
-        critic_loss = td + args.cql_alpha * cql
+        critic_loss = td + args.cql_alpha * cql  # Eq. M1 + M2
         step_on("critic", critic_loss, critic)
         # Eq. M3-M4: actor towards the best of {pi(o), CEM search on Q_i^1}, mixed with the policy gradient
         a_pi = actor(x)
@@ -372,7 +372,7 @@ def main(args: Args) -> dict[str, Any]:
                                       args.cem_iters, args.cem_samples, args.cem_elites, args.cem_mu, args.cem_sigma,
                                       args.cem_update, gen, device)
             target = rectification_target(a_pi, q_pi, a_cem, q_cem)
-        actor_loss = omar_actor_loss(q_pi, a_pi, target, args.omar_coe) + args.action_l2 * (a_pi ** 2).mean()
+        actor_loss = omar_actor_loss(q_pi, a_pi, target, args.omar_coe) + args.action_l2 * (a_pi ** 2).mean()  # Eq. M4
         step_on("actor", actor_loss, actor)
         return {"losses/td": td.detach(), "losses/cql": cql.detach(), "losses/actor": actor_loss.detach(),
                 "charts/q_data": q1.detach().mean(), "charts/q_pi": q_pi.detach().mean(),
@@ -391,7 +391,7 @@ def main(args: Args) -> dict[str, Any]:
         q2 = q2_all.gather(-1, a.unsqueeze(-1)).squeeze(-1)
         td = F.mse_loss(q1, y) + F.mse_loss(q2, y)
         cql = cql_penalty_discrete(q1_all, a, av) + cql_penalty_discrete(q2_all, a, av)  # Eq. M2, exact
-        critic_loss = td + args.cql_alpha * cql
+        critic_loss = td + args.cql_alpha * cql  # Eq. M1 + M2
         step_on("critic", critic_loss, critic)
         # Eq. M3-M4: the optimiser's search is exhaustive over the available actions
         probs = actor(x, av)
@@ -399,6 +399,7 @@ def main(args: Args) -> dict[str, Any]:
             q_new = critic(x)[0]  # Q_i^1 after the critic step, as in the continuous case
             a_hat = F.one_hot(q_new.masked_fill(~av, float("-inf")).argmax(-1), probs.shape[-1]).float()
         q_pi = (probs * q_new).sum(-1)
+        # Eq. M4 with the policy's probability vector in place of the continuous action (discrete variant)
         actor_loss = (1.0 - args.omar_coe) * (-q_pi.mean()) + args.omar_coe * ((probs - a_hat) ** 2).sum(-1).mean()
         step_on("actor", actor_loss, actor)
         return {"losses/td": td.detach(), "losses/cql": cql.detach(), "losses/actor": actor_loss.detach(),

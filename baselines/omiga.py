@@ -338,13 +338,13 @@ def main(args: Args) -> dict[str, Any]:
             q_tgt = q_t(x, a)
             w_tgt, _ = mixer_t.weights(s)
         q_tot = mixer(q(x, a), s)
-        q_loss = F.mse_loss(q_tot, y)
+        q_loss = F.mse_loss(q_tot, y)  # Eq. O1 regressed on r + γ V_tot(s') (O2)
         # Eq. O3: implicit local value objective (target Q and target mixer weights, gradient into V only)
         v_i = v(x).squeeze(-1)
-        v_loss = omiga_v_loss(q_tgt, v_i, w_tgt, args.alpha, args.z_max, args.official_v_loss)
+        v_loss = omiga_v_loss(q_tgt, v_i, w_tgt, args.alpha, args.z_max, args.official_v_loss)  # Eq. O3
         # Eq. O4: weighted behaviour cloning, weights exp(w_i (Q_i - V_i) / alpha)
         weight = omiga_policy_weights(q_tgt, v_i.detach(), w_tgt, args.alpha, args.weight_clip)
-        pi_loss = -(weight * policy.log_prob(x, a, b["avail"])).mean()
+        pi_loss = -(weight * policy.log_prob(x, a, b["avail"])).mean()  # Eq. O4
         for loss, key, params in ((pi_loss, "policy", policy.parameters()), (q_loss, "q", q_params),
                                   (v_loss, "v", v.parameters())):
             opt[key].zero_grad(set_to_none=True)
