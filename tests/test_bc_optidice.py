@@ -38,12 +38,15 @@ def marginals(act_fn) -> np.ndarray:
     return act_fn.probs(XOR_OBS, torch.ones(1, 2, 2, dtype=torch.bool))[0].numpy()
 
 
-def train(mod, ds, steps: int, lr: float = 1e-2, alpha: float = 1.0, seed: int = 0):
-    """The update of the script's main loop on an in-memory dataset (no run directory)."""
+def train(mod, ds, steps: int, lr: float = 1e-2, alpha: float = 1.0, seed: int = 0, anneal: bool = False):
+    """The update of the script's main loop on an in-memory dataset (no run directory).
+    ``anneal``: the policy's learning rate decays linearly to 0, so that the final parameters are a
+    converged point and not a snapshot of Adam's noise (which depends on the CPU's float kernels)."""
     torch.manual_seed(seed)
     ds = ds.to("cpu").seed(seed)
     policy = mod.Policy(ds.n_agents, ds.obs_dim, ds.discrete, ds.n_actions if ds.discrete else ds.act_dim, 32)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps) if anneal else None
     nu = OD.Nu(ds.state_dim, 32) if mod is OD else None
     opt_nu = torch.optim.Adam(nu.parameters(), lr=lr) if nu is not None else None
     for _ in range(steps):
@@ -62,6 +65,8 @@ def train(mod, ds, steps: int, lr: float = 1e-2, alpha: float = 1.0, seed: int =
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
     return policy, nu
 
 
@@ -110,8 +115,12 @@ def test_optidice_nu_objective_is_shift_invariant_with_absorbing_state():
     assert loss(2.5) == pytest.approx(loss(0.0), abs=1e-5)
 
 
-def test_bc_continuous_recovers_a_linear_policy():
-    """Continuous BC: the Gaussian policy's mean matches a deterministic linear behaviour policy."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bc_continuous_recovers_a_linear_policy(seed):
+    """Continuous BC: the Gaussian policy's mean matches a deterministic linear behaviour policy.
+    With a constant learning rate the final error after 300 steps ranged 0.015-0.107 over seeds (and
+    0.091 on another CPU for seed 0): the NLL sharpens as the std shrinks and Adam keeps the mean
+    jittering. With the rate annealed to 0 it was 0.004-0.008 over 8 seeds."""
     rng = np.random.default_rng(0)
     E, T, N, O, A = 40, 10, 2, 3, 2
     obs = rng.normal(size=(E, T + 1, N, O)).astype(np.float32)
@@ -122,12 +131,12 @@ def test_bc_continuous_recovers_a_linear_policy():
     ds = OfflineDataset.from_padded(obs=obs, state=obs[:, :, 0], actions=actions, reward=np.zeros((E, T), np.float32),
                                     lengths=np.full(E, T), terminated=np.ones(E, bool),
                                     meta={"env": "toy", "task": "t", "discrete": False})
-    policy, _ = train(BC, ds, 300)
+    policy, _ = train(BC, ds, 300, seed=seed, anneal=True)
     act = BC.make_act_fn(policy, torch.device("cpu"))
     test_obs = rng.normal(size=(64, N, O)).astype(np.float32)
     pred = act(test_obs, None, np.ones((64, N, 1), bool))
     target = np.tanh(np.einsum("eno,noa->ena", test_obs, W))
-    assert np.abs(pred - target).mean() < 0.05
+    assert np.abs(pred - target).mean() < 0.03
 
 
 # ------------------------------------------------------------ smoke tests
