@@ -19,9 +19,7 @@ Discrete actions only (see ``check_discrete``).
 """
 
 import itertools
-import json
 import math
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,44 +31,53 @@ import tyro
 from tqdm import tqdm
 
 from common import OfflineMarlError, friendly_errors
-from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+from common.runs import Run, eval_only, load_checkpoint, restore_args
 
-# The shipped AlberDICE configs train on data generated with 50-step episodes but evaluate
-# with these episode limits (../shared/specs/bridge-and-xor.md); other envs keep the dataset's.
-EVAL_EPISODE_LIMIT = {"matrix": 100, "bridge": 20}
 
 
 @dataclass
 class Args:
-    # ---- shared fields (docs/architecture.md) ----
+    # ------------------------------------------- shared fields (docs/architecture.md, the contract)
     env: str = "bridge"
-    """environment family (matrix, bridge, rware, smacv1, smacv2, ...)"""
+    """environment family: matrix, bridge, mamujoco, rware, smacv1, smacv2"""
     task: str = "hard"
-    """task within the family (e.g. hard, penalty_xor, 5m_vs_6m)"""
+    """task of the family (e.g. hard, penalty_xor, Hopper-3x1, protoss_5_vs_5)"""
     quality: str = "optimal"
-    """dataset quality name in the catalog (bridge: optimal, mix; penalty_xor: a, b, c, d)"""
+    """dataset quality in the catalog (e.g. mix, optimal, medium, expert)"""
     dataset: str = ""
-    """path of a dataset to use instead of the catalog entry (any supported format)"""
+    """path of a dataset (native directory or a public format) instead of the catalog's"""
     seed: int = 0
-    """random seed (torch, numpy, the dataset sampler and evaluation)"""
+    """random seed (networks, sampling; evaluation episodes start at 1e6 * (seed + 1))"""
     device: str = "auto"
-    """torch device: auto, cpu, cuda, cuda:1, ..."""
+    """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
     total_steps: int = 2_000
-    """training iterations; in each, every agent in turn takes --inner-steps best-response steps (Algorithm 1)"""
+    """gradient updates"""
     batch_size: int = 256
-    """transitions per minibatch (resampled D_rho, initial states and the policy batch each have this size)"""
+    """transitions (sequences for sequence models) per update"""
     eval_every: int = 500
-    """iterations between evaluations (each also writes checkpoints/latest.pt)"""
+    """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 100
-    """episodes per evaluation (the paper evaluates 100 episodes with sampled actions)"""
+    """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
     final_eval_episodes: int = 500
-    """episodes of the final evaluation stored as absolute_metrics in metrics.json"""
+    """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    eval_sample: bool = True
+    """evaluate by sampling actions from the policy instead of its greedy (argmax / mean) action"""
+    eval_episode_limit: int = 0
+    """evaluation episode limit (0: matrix 100, bridge 20, else the dataset's)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation (one batched forward pass)"""
+    log_every: int = 200
+    """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
     resume: bool = False
-    """continue the newest run of the same env/task/quality/seed from its last checkpoint"""
+    """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
+    overwrite: bool = False
+    """replace the run in --run-dir (only files this project wrote are removed)"""
     run_dir: str = ""
-    """write the run here instead of runs/<env>__<task>__<quality>__alberdice__<seed>__<time>"""
+    """run directory (default: runs/<env>__<task>__<quality>__<algo>__<seed>__<time>)"""
     eval_only: bool = False
-    """only evaluate --checkpoint and print the result"""
+    """evaluate --checkpoint and print one JSON line"""
     checkpoint: str = ""
     """checkpoint file or run directory for --eval-only"""
     # ---- AlberDICE ----
@@ -110,14 +117,6 @@ class Args:
     absorbing_horizon: int = 0
     """episodes that end for real continue in an absorbing state up to this many steps (0 = the episode
     limit the data was recorded with, from its meta, else its longest episode)"""
-    eval_sample: bool = True
-    """sample actions from the policies during evaluation (the paper's protocol); False: the argmax"""
-    eval_episode_limit: int = 0
-    """evaluation episode limit (0 = the shipped AlberDICE config: matrix 100, bridge 20, else the dataset's)"""
-    eval_envs: int = 10
-    """environments stepped side by side during evaluation (one batched policy forward)"""
-    log_every: int = 200
-    """iterations between TensorBoard loss scalars"""
 
 
 # ============================================================ pure functions
@@ -514,12 +513,11 @@ def make_optimizers(model: AlberDICE, lr: float) -> dict:
 
 
 # ======================================================== policy and evaluation
-def make_act_fn(policy: AgentMLP, device: torch.device, seed: int = 0, sample: bool = True):
+def make_act_fn(policy: AgentMLP, device: torch.device, sample: bool = True):
     """act_fn(obs [E,N,o], state, avail [E,N,K]) -> actions [E, N], sampled (as the paper evaluates)
     or, with ``sample=False``, the most probable available action.
     ``act_fn.probs(obs, avail)`` returns the action probabilities ``[E, N, K]``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen = torch.Generator(device=device)  # reseeded by common.envs.evaluate
 
     @torch.no_grad()
     def probs(obs, avail):
@@ -536,131 +534,57 @@ def make_act_fn(policy: AgentMLP, device: torch.device, seed: int = 0, sample: b
         return torch.multinomial(p.reshape(E * N, K), 1, generator=gen).view(E, N).cpu().numpy()
 
     act_fn.probs = probs
+    act_fn.reseed = gen.manual_seed
     return act_fn
 
 
-def load_policy(checkpoint: str, device: str = "cpu", sample: bool = True):
-    """The trained joint policy of a checkpoint (file or run directory) as ``act_fn``."""
-    ck = load_checkpoint(checkpoint, map_location=device)
-    cfg = ck["dims"]
-    model = AlberDICE(cfg["n_agents"], cfg["obs_dim"], cfg["state_dim"], cfg["n_actions"], cfg["hidden"])
-    model.load_state_dict(ck["model"])
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None):
+    """The trained joint policy of a checkpoint (file or run directory) as ``act_fn``;
+    ``sample=None`` keeps the run's --eval-sample choice."""
+    ck = load_checkpoint(checkpoint, "alberdice")
+    d, args = ck["dims"], restore_args(Args, ck["args"])
+    model = AlberDICE(d["n_agents"], d["obs_dim"], d["state_dim"], d["n_actions"], args.hidden)
+    model.load_state_dict(ck["modules"]["model"])
     model.to(device).eval()
-    return make_act_fn(model.policy, torch.device(device), seed=int(ck.get("seed", 0)), sample=sample)
-
-
-def evaluate_policy(env, act_fn, episodes: int, seed: int, n_envs: int) -> dict:
-    from common.envs import evaluate
-
-    res = evaluate(env, act_fn, episodes, seed=seed, n_envs=n_envs)
-    res["return_per_step"] = float(np.sum(res["returns"]) / max(1, np.sum(res["lengths"])))
-    return res
-
-
-def joint_policy_table(env, act_fn) -> list | None:
-    """For a stateless two-agent matrix game: pi_1(a_1) * pi_2(a_2) at its (constant) observation."""
-    if env.spec.get("env") != "matrix":
-        return None
-    obs, state, avail = env.reset(0)
-    p = act_fn.probs(obs[None], avail[None])[0].cpu().numpy()  # [2, K]
-    return np.outer(p[0], p[1]).round(4).tolist()
+    act_fn = make_act_fn(model.policy, torch.device(device), sample=args.eval_sample if sample is None else sample)
+    act_fn.meta, act_fn.args, act_fn.step = ck["meta"], args, ck["step"]
+    return act_fn
 
 
 # ===================================================================== main
 def main(args: Args) -> dict:
-    from common import catalog
-    from common.envs import make_env_for
-
-    device = resolve_device(args.device)
     if args.eval_only:
-        if not args.checkpoint:
-            raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
-        ck = load_checkpoint(args.checkpoint)
-        meta = ck["dataset_meta"]
-        env = make_env_for(meta, **eval_env_options(meta, args))
-        act_fn = load_policy(args.checkpoint, str(device), sample=args.eval_sample)
-        res = evaluate_policy(env, act_fn, args.final_eval_episodes, args.seed + 10_000, args.eval_envs)
-        out = {k: res[k] for k in ("return_mean", "return_std", "return_per_step", "win_rate", "length_mean")}
-        out["joint_policy"] = joint_policy_table(env, act_fn)
-        print(json.dumps(out))
-        return out
-
-    set_seed(args.seed)
-    dataset = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    check_discrete(dataset)
-    dataset.to(device).seed(args.seed)
-    env = make_env_for(dataset.meta, **eval_env_options(dataset.meta, args))
-    dataset.check_env(env)
+        return eval_only(args, "alberdice", load_policy)
+    run = Run(args, "alberdice", positive=("alpha", "inner_steps", "kl_samples", "rho_refresh"),
+              nonneg=("alpha_end", "cql_alpha", "pretrain_steps", "rho_max", "absorbing_horizon"))
+    dataset, env = run.load_data(check=check_discrete)
+    dataset.to(run.device).seed(args.seed)
     N, K = dataset.n_agents, dataset.n_actions
-    dims = dict(n_agents=N, obs_dim=dataset.obs_dim, state_dim=dataset.state_dim, n_actions=K, hidden=args.hidden)
-    model = AlberDICE(N, dataset.obs_dim, dataset.state_dim, K, args.hidden).to(device)
+    dims = dict(n_agents=N, obs_dim=dataset.obs_dim, state_dim=dataset.state_dim, n_actions=K)
+    model = AlberDICE(N, dataset.obs_dim, dataset.state_dim, K, args.hidden).to(run.device)
     opts = make_optimizers(model, args.lr)
-    gen = torch.Generator(device=device)
+    gen = torch.Generator(device=run.device)  # the KL term's samples of a_{-i}
     gen.manual_seed(args.seed + 1)
-
-    run = Run(args, "alberdice", resume=args.resume)
-    step = 0
-    ck = run.load(map_location="cpu") if run.resumed else None
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        for k, o in opts.items():
-            o.load_state_dict(ck["opts"][k])
-        step = ck["step"]
-        set_rng_state(ck["rng"])
-        dataset.generator.set_state(ck["sampler"])
-        gen.set_state(ck["gen"])
-    else:
+    act_fn = make_act_fn(model.policy, run.device, sample=args.eval_sample)
+    run.start(dataset, env, act_fn, dims=dims, modules={"model": model}, optimizers=opts, generators={"kl": gen})
+    if not run.progress.get("pretrained"):
         pretrain_data_policies(model, dataset, args, run)
-
-    def save(at: int) -> None:
-        run.save({"model": model.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()}, "step": at,
-                  "rng": rng_state(), "sampler": dataset.generator.get_state(), "gen": gen.get_state(),
-                  "dims": dims, "seed": args.seed, "dataset_meta": dataset.meta, "args": vars(args)})
-
-    if ck is None:
-        save(0)
-    act_fn = make_act_fn(model.policy, device, seed=args.seed, sample=args.eval_sample)
+        run.progress["pretrained"] = True
+        run.checkpoint()
     logp_data_others = dataset_log_probs(model, dataset, "ar")  # pi_{-i}^D is fixed after pretraining
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     log_rho = None
-    t0, steps_done = time.time(), 0
-    bar = tqdm(range(step, args.total_steps), initial=step, total=args.total_steps, desc="alberdice",
-               dynamic_ncols=True, mininterval=2.0)
-    for step in bar:
-        log_rho, infos = train_iteration(model, opts, dataset, args, step, log_rho, logp_data_others, gen, f_abs)
-        steps_done += 1
-        if step % args.log_every == 0:  # the only host syncs of the loop
-            scalars = {f"losses/{k}": torch.stack([d[k] for d in infos]).mean().item() for k in infos[0]}
-            run.log(step, scalars | {"charts/alpha": alpha_at(args, step),
-                                     "charts/updates_per_s": steps_done / max(1e-9, time.time() - t0)})
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
-            res = evaluate_policy(env, act_fn, args.eval_episodes, args.seed + step, args.eval_envs)
-            run.log_eval(step + 1, res)
-            run.log(step + 1, {"eval/return_per_step": res["return_per_step"]})
-            bar.set_postfix(eval=f"{res['return_mean']:.3f}", refresh=False)
-            save(step + 1)
-    bar.close()
-    wall = time.time() - t0
-    final = evaluate_policy(env, act_fn, args.final_eval_episodes, args.seed + 10_000, args.eval_envs)
-    run.log_final(args.total_steps, final)
-    summary = {"return_mean": final["return_mean"], "return_std": final["return_std"],
-               "return_per_step": final["return_per_step"], "win_rate": final["win_rate"],
-               "episode_limit": env.episode_limit, "updates_per_s": steps_done / max(1e-9, wall),
-               "wall_time_s": wall, "joint_policy": joint_policy_table(env, act_fn)}
-    run.finish(summary)
-    run.close()
-    return summary
+    while run.training:
+        log_rho, infos = train_iteration(model, opts, dataset, args, run.step, log_rho, logp_data_others, gen, f_abs)
+        run.record({f"losses/{k}": torch.stack([d[k] for d in infos]).mean() for k in infos[0]}
+                   | {"charts/alpha": alpha_at(args, run.step)})
+    return run.finish()
 
 
 def data_horizon(meta: dict, dataset, override: int = 0) -> int:
     """Episode limit the data was recorded with: ``override``, else the meta's, else the longest episode."""
     limit = override or meta.get("env_options", {}).get("episode_limit") or meta.get("episode_limit")
     return int(limit or dataset.episode_lengths.max())
-
-
-def eval_env_options(meta: dict, args: Args) -> dict:
-    limit = args.eval_episode_limit or EVAL_EPISODE_LIMIT.get(meta["env"], 0)
-    return {"episode_limit": limit} if limit else {}
 
 
 if __name__ == "__main__":

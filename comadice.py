@@ -18,12 +18,8 @@ mixes without a bias, and the nu gradient carries the gamma * nu_tot(s') path of
 
 import copy
 import dataclasses
-import json
 import math
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -34,7 +30,7 @@ import torch.nn.functional as F
 
 @dataclass
 class Args:
-    # ---------------------------------------------------------------- shared fields
+    # ------------------------------------------- shared fields (docs/architecture.md, the contract)
     env: str = "bridge"
     """environment family: matrix, bridge, mamujoco, rware, smacv1, smacv2"""
     task: str = "hard"
@@ -44,25 +40,37 @@ class Args:
     dataset: str = ""
     """path of a dataset (native directory or a public format) instead of the catalog's"""
     seed: int = 0
-    """random seed (networks, sampling, evaluation episodes)"""
+    """random seed (networks, sampling; evaluation episodes start at 1e6 * (seed + 1))"""
     device: str = "auto"
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
     total_steps: int = 200_000
-    """gradient updates (one Q, one nu and one policy step each)"""
+    """gradient updates"""
     batch_size: int = 128
-    """transitions per update (Table 4); as many initial states are drawn for Eq. 10"""
+    """transitions (sequences for sequence models) per update"""
     eval_every: int = 5_000
-    """updates between evaluations; a checkpoint is written at each"""
+    """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 32
-    """episodes per evaluation (Table 4); 0 turns evaluation off (no environment is built)"""
+    """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
     final_eval_episodes: int = 100
     """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    eval_sample: bool = False
+    """evaluate by sampling actions from the policy instead of its greedy (argmax / mean) action"""
+    eval_episode_limit: int = 0
+    """evaluation episode limit (0: matrix 100, bridge 20, else the dataset's)"""
+    eval_envs: int = 8
+    """environments stepped side by side during evaluation (one batched forward pass)"""
+    log_every: int = 1_000
+    """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
     resume: bool = False
-    """continue the newest run of the same env/task/quality/seed from its checkpoint"""
+    """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
+    overwrite: bool = False
+    """replace the run in --run-dir (only files this project wrote are removed)"""
     run_dir: str = ""
-    """run directory (default: runs/<env>__<task>__<quality>__comadice__<seed>__<time>)"""
+    """run directory (default: runs/<env>__<task>__<quality>__<algo>__<seed>__<time>)"""
     eval_only: bool = False
-    """evaluate --checkpoint and exit"""
+    """evaluate --checkpoint and print one JSON line"""
     checkpoint: str = ""
     """checkpoint file or run directory for --eval-only"""
     # ------------------------------------------------------------ ComaDICE (Table 4)
@@ -76,7 +84,7 @@ class Args:
     """target network update rate (nu and the mixer, used in the Q target of Eq. 9)"""
     lr: float = 1e-4
     """Adam learning rate of every network"""
-    hidden_dim: int = 256
+    hidden: int = 256
     """width of the two hidden layers of nu_i, q_i and pi_i (shared by agents, one-hot id appended)"""
     mixer_hidden: int = 64
     """hidden width of the hypernetwork that maps the global state to the mixing weights"""
@@ -86,14 +94,6 @@ class Args:
     """width of the two-layer mixer's hidden layer"""
     grad_clip: float = 1.0
     """gradient-norm clip of each optimiser (0 = off)"""
-    eval_sample: bool = False
-    """evaluate by sampling actions instead of the greedy (argmax / tanh(mean)) action"""
-    eval_episode_limit: int = 0
-    """episode limit of the evaluation environment (0: the one the dataset was recorded with)"""
-    eval_envs: int = 8
-    """environments stepped side by side during evaluation (one batched forward pass)"""
-    log_every: int = 1_000
-    """updates between TensorBoard scalars and progress-bar refreshes"""
     # ---------------------------------------- the reference code's choices (docs: Differences)
     reference_code: bool = False
     """apply the reference code's choices below (SMAC: return-to-go, no terminals; discrete: clip 2; MaMuJoCo: a/4)"""
@@ -341,14 +341,17 @@ class Policy(nn.Module):
         return tanh_gaussian_log_prob(mean, log_std, actions / self.action_scale)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, avail: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+    def act(self, obs: torch.Tensor, avail: torch.Tensor, deterministic: bool = True,
+            gen: torch.Generator | None = None) -> torch.Tensor:
         if self.discrete:
             logits = self.net(obs).masked_fill(~avail, -1e9)
             if deterministic:
                 return logits.argmax(-1)
-            return torch.distributions.Categorical(logits=logits).sample()
+            p = torch.softmax(logits, -1)
+            return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
         mean, log_std = self._gaussian(obs)
-        u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        noise = torch.randn(mean.shape, generator=gen, device=mean.device, dtype=mean.dtype)
+        u = mean if deterministic else mean + log_std.exp() * noise
         return (self.action_scale * torch.tanh(u)).clamp(-1, 1)
 
 
@@ -469,193 +472,73 @@ def apply_reference_code(args: Args, env: str, discrete: bool) -> Args:
         action_scale=4.0 if env == "mamujoco" else 1.0)
 
 
-def load_data_and_env(args: Args):
-    """The dataset (``common.catalog``) and, when evaluation is on, the environment it was
-    recorded in. Everything that is missing is reported together in one message."""
-    from common import OfflineMarlError, catalog
-    from common.envs import make_env, make_env_for
-
-    problems, dataset, env = [], None, None
-    try:
-        dataset = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    except OfflineMarlError as e:
-        problems.append(str(e))
-    if args.eval_episodes > 0:
-        try:
-            limit = {"episode_limit": args.eval_episode_limit} if args.eval_episode_limit > 0 else {}
-            env = make_env_for(dataset.meta, **limit) if dataset is not None else make_env(args.env, args.task, **limit)
-        except OfflineMarlError as e:
-            problems.append(f"{e} -- the environment is only needed for evaluation: train without it with "
-                            "--eval-episodes 0, then evaluate the saved checkpoint where the environment is "
-                            "installed with --eval-only --checkpoint PATH")
-    if problems:
-        raise OfflineMarlError("; ".join(problems))
-    if env is not None:
-        dataset.check_env(env)
-    return dataset, env
-
-
 def make_act_fn(policy: Policy, device: torch.device, deterministic: bool):
-    """``act_fn(obs [E, N, o], state [E, S], avail [E, N, K]) -> actions`` for ``common.envs.evaluate``."""
+    """``act_fn(obs [E, N, o], state [E, S], avail [E, N, K]) -> actions`` for ``common.envs.evaluate``;
+    sampled actions draw from the act_fn's own generator, which ``evaluate`` reseeds."""
+    gen = torch.Generator(device=device)
 
     def act_fn(obs, state, avail):
         o = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device)
         a = torch.as_tensor(np.asarray(avail), dtype=torch.bool, device=device)
-        return policy.act(o, a, deterministic).cpu().numpy()
+        return policy.act(o, a, deterministic, gen).cpu().numpy()
 
+    act_fn.reseed = gen.manual_seed
     return act_fn
 
 
 def dims_of(dataset) -> dict[str, Any]:
+    """The dataset's shapes that size the networks."""
     return dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, state_dim=dataset.state_dim,
                 discrete=dataset.discrete, n_actions=dataset.n_actions, act_dim=dataset.act_dim)
 
 
 def build_model(dims: dict[str, Any], args: Args) -> ComaDICE:
-    return ComaDICE(dims, (args.hidden_dim, args.hidden_dim), args.mixer_hidden, args.mixer_layers,
+    return ComaDICE(dims, (args.hidden, args.hidden), args.mixer_hidden, args.mixer_layers,
                     args.mixer_embed, args.action_scale)
 
 
 def main(args: Args) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from common import OfflineMarlError
-    from common.envs import evaluate
-    from common.runs import Run, rng_state, resolve_device, set_rng_state, set_seed
+    from common.runs import Run, eval_only
 
     if args.eval_only:
-        return evaluate_checkpoint(args)
-    if args.nu_loss == "reference" or args.reference_code:
-        if args.mixer_layers != 1:
-            raise OfflineMarlError("the reference code's nu step and weights need the one-layer mixer "
-                                   "(--mixer-layers 1)")
-    if args.f_divergence not in F_DIVERGENCES:
-        raise OfflineMarlError(f"unknown --f-divergence {args.f_divergence}; choose one of {F_DIVERGENCES}")
-    device = resolve_device(args.device)
-    set_seed(args.seed)
-    dataset, env = load_data_and_env(args)
-    names = {k: dataset.meta[k] for k in ("env", "task") if dataset.meta.get(k, "unknown") != "unknown"}
-    args = apply_reference_code(dataclasses.replace(args, **names), dataset.meta.get("env", args.env), dataset.discrete)
+        return eval_only(args, "comadice", load_policy)
+    run = Run(args, "comadice", positive=("alpha", "action_scale", "mixer_embed"), nonneg=("weight_clip",),
+              checks=((args.mixer_layers == 1 or not (args.reference_code or args.nu_loss == "reference"
+                                                     or args.policy_weights == "per-agent"),
+                       "the reference code's nu step and weights need the one-layer mixer (--mixer-layers 1)"),))
+    dataset, env = run.load_data()
+    args = run.args = apply_reference_code(args, dataset.meta.get("env", args.env), dataset.discrete)
     if args.policy_weights == "per-agent" and args.mixer_layers != 1:
         raise OfflineMarlError("--policy-weights per-agent needs the one-layer mixer (--mixer-layers 1)")
     if args.return_to_go:
         dataset = dataset.with_reward(dataset.returns_to_go(1.0), "undiscounted return-to-go (ComaDICE reference code)")
-    dataset.to(device).seed(args.seed)
-
-    run = Run(args, "comadice", resume=args.resume)
+    dataset.to(run.device).seed(args.seed)
     dims = dims_of(dataset)
-    model = build_model(dims, args).to(device)
+    model = build_model(dims, args).to(run.device)
     opts = model.optimizers(args.lr)
-    step, train_time, last_eval = 0, 0.0, None
-    if run.resumed:
-        ckpt = run.load(map_location="cpu")  # RNG states must stay CPU tensors; weights move on load
-        model.load_state_dict(ckpt["model"])
-        for k, o in opts.items():
-            o.load_state_dict(ckpt["opts"][k])
-        set_rng_state(ckpt["rng"])
-        dataset.generator.set_state(ckpt["data_rng"])
-        step, train_time, last_eval = ckpt["step"], ckpt["train_time"], ckpt.get("last_eval")
-        if run.finished and step >= args.total_steps:
-            print(f"{run.dir} already finished {step} updates", file=sys.stderr)
-            return json.loads((run.dir / "done.json").read_text())
-
-    def save() -> None:
-        run.save(dict(step=step, model=model.state_dict(), opts={k: o.state_dict() for k, o in opts.items()},
-                      rng=rng_state(), data_rng=dataset.generator.get_state(), train_time=train_time,
-                      last_eval=last_eval, args=dataclasses.asdict(args), dims=dims, meta=dataset.meta))
-
-    act_fn = make_act_fn(model.policy, device, not args.eval_sample)
-    eval_seed = 1_000_000 + 1_000 * args.seed  # the same test episodes at every evaluation
-    bar = tqdm(total=args.total_steps, initial=step, desc="comadice", unit="upd", dynamic_ncols=True,
-               mininterval=1.0, file=sys.stderr)
-    post = {"upd/s": "-", "eval": "-" if last_eval is None else f"{last_eval:.4g}"}
-    clock, log_step, log_time = time.perf_counter(), step, train_time  # train_time excludes evaluations
-    while step < args.total_steps:
+    act_fn = make_act_fn(model.policy, run.device, not args.eval_sample)
+    run.start(dataset, env, act_fn, dims=dims, modules={"model": model}, optimizers=opts)
+    while run.training:
         stats = update(model, opts, dataset.sample(args.batch_size), dataset.sample_initial(args.batch_size), args)
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step % args.eval_every == 0 or step == args.total_steps:
-            now = time.perf_counter()
-            train_time, clock = train_time + (now - clock), now
-        if step % args.log_every == 0 or step == args.total_steps:
-            ups = (step - log_step) / max(train_time - log_time, 1e-9)
-            log_step, log_time = step, train_time
-            run.log(step, {k: v.item() for k, v in stats.items()} | {"charts/updates_per_s": ups})
-            post["upd/s"] = f"{ups:.0f}"
-            bar.set_postfix(post, refresh=False)
-        if step % args.eval_every == 0 or step == args.total_steps:
-            if env is not None and step < args.total_steps:  # the last step gets the final evaluation
-                result = evaluate(env, act_fn, args.eval_episodes, eval_seed, n_envs=args.eval_envs)
-                run.log_eval(step, result)
-                last_eval = result["return_mean"]
-                post["eval"] = f"{last_eval:.4g}"
-                bar.set_postfix(post, refresh=False)
-            save()
-            clock = time.perf_counter()
-    bar.close()
-    total_updates_per_s = step / max(train_time, 1e-9)
-    summary: dict[str, Any] = {"steps": step, "updates_per_s": total_updates_per_s, "train_seconds": train_time}
-    if env is not None:
-        result = evaluate(env, act_fn, args.final_eval_episodes, eval_seed, n_envs=args.eval_envs)
-        run.log_final(step, result)
-        summary.update(return_mean=result["return_mean"], return_std=result["return_std"],
-                       win_rate=result["win_rate"], episodes=args.final_eval_episodes)
-    else:
-        summary["evaluation"] = "off (--eval-episodes 0): evaluate later with --eval-only --checkpoint " + str(
-            run.ckpt_dir / "latest.pt")
-    run.finish(summary)
-    run.close()
-    print(f"comadice {args.env}/{args.task}/{args.quality}: {step} updates at {total_updates_per_s:.1f} updates/s"
-          + (f", final return {summary['return_mean']:.4g} +- {summary['return_std']:.3g}" if env is not None else "")
-          + f"; run directory {run.dir}", file=sys.stderr)
-    return summary
+        run.record(stats)
+    return run.finish()
 
 
 # ==================================================================== evaluation
-def load_policy(checkpoint: str, device: str = "cpu", deterministic: bool | None = None):
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None):
     """``act_fn(obs, state, avail) -> actions`` of a saved ComaDICE policy (for ``common.collect``
-    and ``--eval-only``). ``deterministic=None`` keeps the run's --eval-sample choice."""
-    from common.runs import load_checkpoint
+    and ``--eval-only``); ``sample=None`` keeps the run's --eval-sample choice."""
+    from common.runs import load_checkpoint, restore_args
 
-    ckpt = load_checkpoint(checkpoint, map_location=device)
-    args = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
-    model = build_model(ckpt["dims"], args).to(device)
-    model.load_state_dict(ckpt["model"])
+    ck = load_checkpoint(checkpoint, "comadice")
+    args = restore_args(Args, ck["args"])
+    model = build_model(ck["dims"], args).to(device)
+    model.load_state_dict(ck["modules"]["model"])
     model.eval()
-    det = (not args.eval_sample) if deterministic is None else deterministic
-    act_fn = make_act_fn(model.policy, torch.device(device), det)
-    act_fn.meta, act_fn.args, act_fn.step = ckpt["meta"], args, ckpt["step"]
+    act_fn = make_act_fn(model.policy, torch.device(device), not (args.eval_sample if sample is None else sample))
+    act_fn.meta, act_fn.args, act_fn.step = ck["meta"], args, ck["step"]
     return act_fn
-
-
-def evaluate_checkpoint(args: Args) -> dict[str, Any]:
-    """--eval-only: evaluate --checkpoint on the environment its dataset was recorded in; when the
-    checkpoint belongs to a run directory without a final evaluation (trained with --eval-episodes 0),
-    its metrics.json gets the result as absolute_metrics. The result is printed as one JSON line."""
-    from common import OfflineMarlError
-    from common.envs import evaluate, make_env_for
-    from common.runs import Run, resolve_device
-
-    if not args.checkpoint:
-        raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
-    act_fn = load_policy(args.checkpoint, str(resolve_device(args.device)), None if not args.eval_sample else False)
-    limit = args.eval_episode_limit or act_fn.args.eval_episode_limit
-    env = make_env_for(act_fn.meta, **({"episode_limit": limit} if limit > 0 else {}))
-    episodes = args.final_eval_episodes
-    result = evaluate(env, act_fn, episodes, 1_000_000 + 1_000 * act_fn.args.seed, n_envs=args.eval_envs)
-    out = {k: result[k] for k in ("return_mean", "return_std", "win_rate", "length_mean")}
-    out.update(episodes=episodes, step=act_fn.step, checkpoint=str(args.checkpoint))
-    path = Path(args.checkpoint).expanduser()
-    run_dir = path if path.is_dir() else path.parent.parent
-    metrics = run_dir / "metrics.json"
-    has_final = metrics.is_file() and "absolute_metrics" in metrics.read_text()
-    if (run_dir / "config.json").is_file() and (run_dir / "checkpoints" / "latest.pt").is_file() and not has_final:
-        run = Run(dataclasses.replace(act_fn.args, run_dir=str(run_dir)), "comadice", resume=True)
-        run.log_final(act_fn.step, result)  # a run trained without evaluation gets its final numbers
-        run.close()
-        out["metrics"] = str(run.metrics_path)
-    print(json.dumps(out))
-    return out
 
 
 if __name__ == "__main__":

@@ -16,11 +16,7 @@ pi_b are fitted by behaviour cloning first and then frozen.
 """
 
 import copy
-import dataclasses
-import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,35 +28,47 @@ import torch.nn.functional as F
 
 @dataclass
 class Args:
-    # ---- shared fields (docs/architecture.md) ----
+    # ------------------------------------------- shared fields (docs/architecture.md, the contract)
     env: str = "bridge"
     """environment family: matrix, bridge, mamujoco, rware, smacv1, smacv2"""
     task: str = "hard"
-    """task of the family, e.g. hard, penalty_xor, HalfCheetah-6x1, 5m_vs_6m"""
+    """task of the family (e.g. hard, penalty_xor, Hopper-3x1, protoss_5_vs_5)"""
     quality: str = "mix"
-    """dataset quality (expert, medium, good, mix, a, ...); also picks the default d_init"""
-    dataset: str | None = None
-    """a dataset path (any supported format); overrides the catalog lookup of (env, task, quality)"""
+    """dataset quality in the catalog (e.g. mix, optimal, medium, expert)"""
+    dataset: str = ""
+    """path of a dataset (native directory or a public format) instead of the catalog's"""
     seed: int = 0
-    """random seed"""
+    """random seed (networks, sampling; evaluation episodes start at 1e6 * (seed + 1))"""
     device: str = "auto"
-    """cpu, cuda, cuda:1, or auto (first GPU when there is one)"""
+    """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
     total_steps: int = 1_000_000
-    """gradient updates after behaviour cloning (unstated in the paper; OMIGA's 1e6)"""
+    """gradient updates"""
     batch_size: int = 128
-    """transitions per update (Table 5)"""
-    eval_every: int = 5000
-    """updates between evaluations; a checkpoint is written at each"""
+    """transitions (sequences for sequence models) per update"""
+    eval_every: int = 5_000
+    """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 10
-    """episodes per evaluation during training"""
+    """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
     final_eval_episodes: int = 100
     """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    eval_sample: bool = False
+    """evaluate by sampling actions from the policy instead of its greedy (argmax / mean) action"""
+    eval_episode_limit: int = 0
+    """evaluation episode limit (0: matrix 100, bridge 20, else the dataset's)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation (one batched forward pass)"""
+    log_every: int = 1_000
+    """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
     resume: bool = False
-    """continue the newest run of the same env/task/quality/seed from its checkpoint"""
+    """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
+    overwrite: bool = False
+    """replace the run in --run-dir (only files this project wrote are removed)"""
     run_dir: str = ""
-    """write the run here instead of runs/<env>__<task>__<quality>__omcda__<seed>__<time>"""
+    """run directory (default: runs/<env>__<task>__<quality>__<algo>__<seed>__<time>)"""
     eval_only: bool = False
-    """only evaluate --checkpoint for final_eval_episodes episodes"""
+    """evaluate --checkpoint and print one JSON line"""
     checkpoint: str = ""
     """checkpoint file or run directory for --eval-only"""
     # ---- OMCDA (Table 5 unless marked) ----
@@ -114,16 +122,6 @@ class Args:
     """ablation OMCDA-w/o-dq: one entangled Q_i, V_i and mixer (OMIGA with alpha_i), allocation kept"""
     random_allocation: bool = False
     """ablation OMCDA-rd: d = Dirichlet(1) * d_tot, drawn once per seed"""
-    eval_sample: bool = False
-    """evaluate with sampled actions instead of the policy's mode (argmax / tanh(mean))"""
-    eval_envs: int = 10
-    """environments stepped side by side during evaluation (one batched forward pass)"""
-    eval_episode_limit: int = 0
-    """episode limit of the evaluation environment; 0 = the one the dataset was recorded with"""
-    log_every: int = 1000
-    """updates between TensorBoard scalars"""
-    threads: int = 1
-    """torch CPU threads"""
 
 
 # =============================================================== pure functions
@@ -310,14 +308,17 @@ class Policy(nn.Module):
         return tanh_gaussian_log_prob(mu, log_std, actions), (mu, log_std)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, avail: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+    def act(self, obs: torch.Tensor, avail: torch.Tensor, deterministic: bool = True,
+            gen: torch.Generator | None = None) -> torch.Tensor:
         if self.discrete:
             logp = self(obs, avail)
             if deterministic:
                 return logp.argmax(-1)
-            return torch.distributions.Categorical(logits=logp).sample()
+            p = logp.exp()
+            return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
         mu, log_std = self(obs, avail)
-        return torch.tanh(mu if deterministic else mu + log_std.exp() * torch.randn_like(mu))
+        noise = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
+        return torch.tanh(mu if deterministic else mu + log_std.exp() * noise)
 
 
 # ===================================================================== learner
@@ -546,148 +547,84 @@ class OMCDA(nn.Module):
 
 # ============================================================ policy interface
 def make_act_fn(policy: Policy, device: torch.device, deterministic: bool = True) -> Callable:
-    """act_fn(obs [E, N, o], state [E, S], avail [E, N, K]) -> actions, for common.envs.evaluate."""
+    """act_fn(obs [E, N, o], state [E, S], avail [E, N, K]) -> actions, for common.envs.evaluate;
+    sampled actions draw from the act_fn's own generator, which ``evaluate`` reseeds."""
+    gen = torch.Generator(device=device)
 
     def act_fn(obs, state, avail):
         o = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device)
         av = torch.as_tensor(np.asarray(avail), dtype=torch.bool, device=device)
-        return policy.act(o, av, deterministic).cpu().numpy()
+        return policy.act(o, av, deterministic, gen).cpu().numpy()
 
+    act_fn.reseed = gen.manual_seed
     return act_fn
 
 
-def load_policy(checkpoint: str, device: str = "cpu", deterministic: bool = True) -> Callable:
-    """The trained joint policy of a checkpoint (file or run directory) as an ``act_fn``."""
-    from common.runs import load_checkpoint
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None) -> Callable:
+    """The trained joint policy of a checkpoint (file or run directory) as an ``act_fn``;
+    ``sample=None`` keeps the run's --eval-sample choice."""
+    from common.runs import load_checkpoint, restore_args
 
-    ck = load_checkpoint(checkpoint, map_location=device)
-    dims, cfg = ck["dims"], ck["config"]
-    policy = Policy(dims["obs_dim"], dims["n_agents"], cfg["hidden"], dims["discrete"], dims["n_actions"],
+    ck = load_checkpoint(checkpoint, "omcda")
+    dims, args = ck["dims"], restore_args(Args, ck["args"])
+    policy = Policy(dims["obs_dim"], dims["n_agents"], args.hidden, dims["discrete"], dims["n_actions"],
                     dims["act_dim"]).to(device)
-    policy.load_state_dict(ck["policy"])
+    policy.load_state_dict({k[len("policy."):]: v for k, v in ck["modules"]["model"].items()
+                            if k.startswith("policy.")})
     policy.eval()
-    return make_act_fn(policy, torch.device(device), deterministic)
+    act_fn = make_act_fn(policy, torch.device(device), not (args.eval_sample if sample is None else sample))
+    act_fn.meta, act_fn.args, act_fn.step = ck["meta"], args, ck["step"]
+    return act_fn
 
 
 # ======================================================================= main
-def _limit(episode_limit: int) -> dict[str, int]:
-    return {"episode_limit": episode_limit} if episode_limit > 0 else {}
-
-
-def _scalars(m: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+def _scalars(m: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """TensorBoard names for the update's outputs (the per-agent curves are the paper's Fig. 3)."""
-    out = {f"losses/{k[5:]}": v.item() for k, v in m.items() if k.startswith("loss_")}
+    out = {f"losses/{k[5:]}": v for k, v in m.items() if k.startswith("loss_")}
     for k in ("v_r", "v_c", "q_tot", "z_max", "weight_mean"):
         if k in m:
-            out[f"charts/{k}"] = m[k].item()
+            out[f"charts/{k}"] = m[k]
     per_agent = {"d": "d", "alpha": "alpha", "m": "influence", "m_tilde": "influence_raw", "kl": "kl"}
     for key, name in per_agent.items():
-        vals = m[key].tolist()
         for i in range(n):
-            out[f"charts/{name}_{i}"] = vals[i]
+            out[f"charts/{name}_{i}"] = m[key][i]
     return out
 
 
 def main(args: Args) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from common import OfflineMarlError, catalog, envs, runs
+    from common.runs import Run, eval_only
 
-    torch.set_num_threads(max(1, args.threads))
-    device = runs.resolve_device(args.device)
-    if args.no_allocation and args.random_allocation:
-        raise OfflineMarlError("--no-allocation and --random-allocation exclude each other; pass one")
     if args.eval_only:
-        if not args.checkpoint:
-            raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or run directory)")
-        ck = runs.load_checkpoint(args.checkpoint)
-        env = envs.make_env_for(ck["meta"], **_limit(args.eval_episode_limit))
-        runs.set_seed(args.seed)  # sampled (--eval-sample) actions are reproducible
-        act_fn = load_policy(args.checkpoint, str(device), not args.eval_sample)
-        res = envs.evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 + args.seed,
-                            n_envs=min(args.eval_envs, args.final_eval_episodes))
-        out = {k: res[k] for k in ("return_mean", "return_std", "win_rate", "length_mean")}
-        print(json.dumps(dict(out, episodes=args.final_eval_episodes, step=ck["step"],
-                              deterministic=not args.eval_sample, checkpoint=str(args.checkpoint))))
-        env.close()
-        return res
-
-    runs.set_seed(args.seed)
-    ds = catalog.load(args.env, args.task, args.quality, args.dataset)
-    env = envs.make_env_for(ds.meta, **_limit(args.eval_episode_limit))
-    ds.check_env(env)
-    ds.to(device).seed(args.seed)
+        return eval_only(args, "omcda", load_policy)
+    run = Run(args, "omcda", positive=("alpha_init", "exp_cap", "weight_clip", "influence_eps"),
+              nonneg=("bc_steps", "alpha_log_range", "d_init", "d_tot"), unit=("expectile", "alloc_floor"),
+              checks=((not (args.no_allocation and args.random_allocation),
+                       "--no-allocation and --random-allocation exclude each other; pass one"),))
+    ds, env = run.load_data()
+    ds.to(run.device).seed(args.seed)
     N = ds.n_agents
     d_init = args.d_init if args.d_init is not None else default_d_init(args.quality)
     d_tot = args.d_tot if args.d_tot is not None else N * d_init
     dims = dict(n_agents=N, obs_dim=ds.obs_dim, state_dim=ds.state_dim, discrete=ds.discrete,
-                n_actions=ds.n_actions, act_dim=ds.act_dim)
-    agent = OMCDA(args, N, ds.obs_dim, ds.state_dim, ds.discrete, ds.n_actions, ds.act_dim, d_tot).to(device)
-
-    run = runs.Run(args, "omcda", resume=args.resume)
-    step, bc_done, last_eval = 0, False, float("nan")
-    if run.resumed:
-        ck = run.load(map_location="cpu")  # RNG states stay CPU tensors; weights move on load
-        agent.load_state_dict(ck["model"])
-        for k, opt in agent.optimizers().items():
-            opt.load_state_dict(ck["optim"][k])
-        runs.set_rng_state(ck["rng"])
-        ds.generator.set_state(ck["data_rng"].cpu())
-        step, bc_done, last_eval = ck["step"], ck["bc_done"], ck["last_eval"]
-
-    def checkpoint():
-        run.save(dict(step=step, bc_done=bc_done, last_eval=last_eval, model=agent.state_dict(),
-                      optim={k: o.state_dict() for k, o in agent.optimizers().items()},
-                      policy=agent.policy.state_dict(), rng=runs.rng_state(), data_rng=ds.generator.get_state(),
-                      config=dataclasses.asdict(args), dims=dims, meta=ds.meta, d_tot=d_tot))
-
-    act_fn = make_act_fn(agent.policy, device, not args.eval_sample)
-
-    def evaluate(episodes: int, seed: int) -> dict[str, Any]:
-        agent.policy.eval()
-        res = envs.evaluate(env, act_fn, episodes, seed=seed, n_envs=min(args.eval_envs, episodes))
-        agent.policy.train()
-        return res
-
-    if not bc_done:  # pi_b by behaviour cloning, then frozen
+                n_actions=ds.n_actions, act_dim=ds.act_dim, d_tot=d_tot)
+    agent = OMCDA(args, N, ds.obs_dim, ds.state_dim, ds.discrete, ds.n_actions, ds.act_dim, d_tot).to(run.device)
+    act_fn = make_act_fn(agent.policy, run.device, not args.eval_sample)
+    run.start(ds, env, act_fn, dims=dims, modules={"model": agent}, optimizers=agent.optimizers())
+    if not run.progress.get("bc_done"):  # pi_b by behaviour cloning, then frozen
         for i in tqdm(range(args.bc_steps), desc="behaviour cloning", mininterval=2, leave=False):
             loss = agent.bc_update(ds.sample(args.batch_size))
             if (i + 1) % args.log_every == 0 or i + 1 == args.bc_steps:
                 run.log(i + 1, {"losses/bc": loss.item()})
-        bc_done = True
+        run.progress["bc_done"] = True
+        run.checkpoint()
     for p in agent.behaviour.parameters():
         p.requires_grad_(False)
-
-    t0, s0 = time.time(), step
-    bar = tqdm(total=args.total_steps, initial=step, desc="omcda", mininterval=2)
-    while step < args.total_steps:
-        metrics = agent.update(ds.sample(args.batch_size))
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0:
-            sc = _scalars(metrics, N)
-            sc["charts/updates_per_s"] = (step - s0) / max(time.time() - t0, 1e-9)
-            run.log(step, sc)
-            bar.set_postfix(ups=f"{sc['charts/updates_per_s']:.0f}", eval=f"{last_eval:.3g}")
-        if step % args.eval_every == 0 or step == args.total_steps:
-            res = evaluate(args.eval_episodes, seed=args.seed * 1000 + step)
-            last_eval = res["return_mean"]
-            run.log_eval(step, res)
-            bar.set_postfix(eval=f"{last_eval:.3g}")
-            checkpoint()
-    bar.close()
-    ups = (step - s0) / max(time.time() - t0, 1e-9)
-    final = evaluate(args.final_eval_episodes, seed=10_000 + args.seed)
-    run.log_final(step, final)
-    summary = dict(final_return_mean=final["return_mean"], final_return_std=final["return_std"],
-                   final_win_rate=final["win_rate"], updates_per_s=ups, steps=step, d_tot=d_tot,
-                   d=agent.d.tolist(), alpha=agent.alpha.tolist(), influence=agent.m.tolist())
-    run.finish(summary)
-    run.close()
-    env.close()
-    print(f"omcda {args.env}/{args.task}/{args.quality}: {step} updates at {ups:.1f} updates/s, final return "
-          f"{final['return_mean']:.4g} +- {final['return_std']:.3g}; run directory {run.dir}", file=sys.stderr)
-    return dict(summary, run_dir=str(run.dir))
+    while run.training:
+        run.record(_scalars(agent.update(ds.sample(args.batch_size)), N))
+    return run.finish({"d_tot": d_tot, "d": agent.d.tolist(), "alpha": agent.alpha.tolist(),
+                       "influence": agent.m.tolist()})
 
 
 if __name__ == "__main__":

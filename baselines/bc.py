@@ -16,9 +16,7 @@ over out-of-distribution joint actions when the data mixes coordinated behaviour
 dataset {AB, BA} gives uniform individual policies, so AA and BB are played half of the time).
 """
 
-import json
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,48 +24,56 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
 
-from common import OfflineMarlError, friendly_errors
-from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+from common import friendly_errors
+from common.runs import Run, eval_only, load_checkpoint, restore_args
 
-# The shipped AlberDICE configs evaluate the matrix game with 100 steps and Bridge with 20
-# (../shared/specs/bridge-and-xor.md); other envs keep the dataset's episode limit.
-EVAL_EPISODE_LIMIT = {"matrix": 100, "bridge": 20}
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
 @dataclass
 class Args:
-    # ---- shared fields (docs/architecture.md) ----
+    # ------------------------------------------- shared fields (docs/architecture.md, the contract)
     env: str = "bridge"
-    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2, ...)"""
+    """environment family: matrix, bridge, mamujoco, rware, smacv1, smacv2"""
     task: str = "hard"
-    """task within the family"""
+    """task of the family (e.g. hard, penalty_xor, Hopper-3x1, protoss_5_vs_5)"""
     quality: str = "optimal"
-    """dataset quality name in the catalog"""
+    """dataset quality in the catalog (e.g. mix, optimal, medium, expert)"""
     dataset: str = ""
-    """path of a dataset to use instead of the catalog entry (any supported format)"""
+    """path of a dataset (native directory or a public format) instead of the catalog's"""
     seed: int = 0
-    """random seed"""
+    """random seed (networks, sampling; evaluation episodes start at 1e6 * (seed + 1))"""
     device: str = "auto"
-    """torch device: auto, cpu, cuda, ..."""
+    """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
     total_steps: int = 5_000
-    """gradient steps"""
+    """gradient updates"""
     batch_size: int = 256
-    """transitions per minibatch"""
+    """transitions (sequences for sequence models) per update"""
     eval_every: int = 1_000
-    """steps between evaluations (each also writes checkpoints/latest.pt)"""
+    """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 100
-    """episodes per evaluation"""
+    """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
     final_eval_episodes: int = 500
-    """episodes of the final evaluation stored as absolute_metrics in metrics.json"""
+    """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    eval_sample: bool = True
+    """evaluate by sampling actions from the policy instead of its greedy (argmax / mean) action"""
+    eval_episode_limit: int = 0
+    """evaluation episode limit (0: matrix 100, bridge 20, else the dataset's)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation (one batched forward pass)"""
+    log_every: int = 500
+    """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
     resume: bool = False
-    """continue the newest run of the same env/task/quality/seed from its last checkpoint"""
+    """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
+    overwrite: bool = False
+    """replace the run in --run-dir (only files this project wrote are removed)"""
     run_dir: str = ""
-    """write the run here instead of runs/<env>__<task>__<quality>__bc__<seed>__<time>"""
+    """run directory (default: runs/<env>__<task>__<quality>__<algo>__<seed>__<time>)"""
     eval_only: bool = False
-    """only evaluate --checkpoint and print the result"""
+    """evaluate --checkpoint and print one JSON line"""
     checkpoint: str = ""
     """checkpoint file or run directory for --eval-only"""
     # ---- BC ----
@@ -75,15 +81,6 @@ class Args:
     """Adam learning rate"""
     hidden: int = 64
     """width of the two hidden layers of each agent's policy"""
-    eval_sample: bool = True
-    """discrete: sample actions from the policy during evaluation (as the AlberDICE paper evaluates);
-    False = argmax. Continuous policies always act with their mean"""
-    eval_episode_limit: int = 0
-    """evaluation episode limit (0 = matrix 100, bridge 20 as the shipped AlberDICE configs, else the dataset's)"""
-    eval_envs: int = 10
-    """environments stepped side by side during evaluation"""
-    log_every: int = 500
-    """steps between TensorBoard loss scalars"""
 
 
 # ============================================================ pure functions
@@ -148,10 +145,10 @@ class Policy(nn.Module):
 
 
 # ======================================================== policy and evaluation
-def make_act_fn(policy: Policy, device: torch.device, sample: bool = True, seed: int = 0):
-    """act_fn(obs [E,N,o], state, avail [E,N,K]) -> actions; ``act_fn.probs`` gives discrete action probabilities."""
+def make_act_fn(policy: Policy, device: torch.device, sample: bool = True):
+    """act_fn(obs [E,N,o], state, avail [E,N,K]) -> actions; ``act_fn.probs`` gives discrete action
+    probabilities; sampled actions draw from the act_fn's own generator, which ``evaluate`` reseeds."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
 
     @torch.no_grad()
     def probs(obs, avail):
@@ -171,116 +168,45 @@ def make_act_fn(policy: Policy, device: torch.device, sample: bool = True, seed:
         return torch.multinomial(p.reshape(E * N, K), 1, generator=gen).view(E, N).cpu().numpy()
 
     act_fn.probs = probs
+    act_fn.reseed = gen.manual_seed
     return act_fn
 
 
-def load_policy(checkpoint: str, device: str = "cpu"):
-    """The trained joint policy of a checkpoint (file or run directory) as ``act_fn``."""
-    ck = load_checkpoint(checkpoint, map_location=device)
-    d = ck["dims"]
-    policy = Policy(d["n_agents"], d["obs_dim"], d["discrete"], d["n_out"], d["hidden"])
-    policy.load_state_dict(ck["policy"])
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None):
+    """The trained joint policy of a checkpoint (file or run directory) as ``act_fn``;
+    ``sample=None`` keeps the run's --eval-sample choice."""
+    ck = load_checkpoint(checkpoint, "bc")
+    d, args = ck["dims"], restore_args(Args, ck["args"])
+    policy = Policy(d["n_agents"], d["obs_dim"], d["discrete"], d["n_out"], args.hidden)
+    policy.load_state_dict(ck["modules"]["policy"])
     policy.to(device).eval()
-    return make_act_fn(policy, torch.device(device), sample=d.get("eval_sample", True), seed=int(ck.get("seed", 0)))
-
-
-def evaluate_policy(env, act_fn, episodes: int, seed: int, n_envs: int) -> dict:
-    from common.envs import evaluate
-
-    res = evaluate(env, act_fn, episodes, seed=seed, n_envs=n_envs)
-    res["return_per_step"] = float(np.sum(res["returns"]) / max(1, np.sum(res["lengths"])))
-    return res
-
-
-def joint_policy_table(env, act_fn) -> list | None:
-    """For a stateless two-agent matrix game: pi_1(a_1) * pi_2(a_2) at its (constant) observation."""
-    if env.spec.get("env") != "matrix":
-        return None
-    obs, state, avail = env.reset(0)
-    p = act_fn.probs(obs[None], avail[None])[0].cpu().numpy()
-    return np.outer(p[0], p[1]).round(4).tolist()
-
-
-def eval_env_options(meta: dict, args: Args) -> dict:
-    limit = args.eval_episode_limit or EVAL_EPISODE_LIMIT.get(meta["env"], 0)
-    return {"episode_limit": limit} if limit else {}
+    act_fn = make_act_fn(policy, torch.device(device), sample=args.eval_sample if sample is None else sample)
+    act_fn.meta, act_fn.args, act_fn.step = ck["meta"], args, ck["step"]
+    return act_fn
 
 
 # ===================================================================== main
 def main(args: Args) -> dict:
-    from common import catalog
-    from common.envs import make_env_for
-
-    device = resolve_device(args.device)
     if args.eval_only:
-        if not args.checkpoint:
-            raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
-        meta = load_checkpoint(args.checkpoint)["dataset_meta"]
-        env = make_env_for(meta, **eval_env_options(meta, args))
-        act_fn = load_policy(args.checkpoint, str(device))
-        res = evaluate_policy(env, act_fn, args.final_eval_episodes, args.seed + 10_000, args.eval_envs)
-        out = {k: res[k] for k in ("return_mean", "return_std", "return_per_step", "win_rate", "length_mean")}
-        out["joint_policy"] = joint_policy_table(env, act_fn)
-        print(json.dumps(out))
-        return out
-
-    set_seed(args.seed)
-    dataset = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    dataset.to(device).seed(args.seed)
-    env = make_env_for(dataset.meta, **eval_env_options(dataset.meta, args))
-    dataset.check_env(env)
+        return eval_only(args, "bc", load_policy)
+    run = Run(args, "bc")
+    dataset, env = run.load_data()
+    dataset.to(run.device).seed(args.seed)
     discrete = dataset.discrete
     n_out = dataset.n_actions if discrete else dataset.act_dim
-    dims = dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, discrete=discrete, n_out=n_out,
-                hidden=args.hidden, eval_sample=args.eval_sample)
-    policy = Policy(dataset.n_agents, dataset.obs_dim, discrete, n_out, args.hidden).to(device)
+    dims = dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, discrete=discrete, n_out=n_out)
+    policy = Policy(dataset.n_agents, dataset.obs_dim, discrete, n_out, args.hidden).to(run.device)
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
-
-    run = Run(args, "bc", resume=args.resume)
-    step = 0
-    ck = run.load(map_location="cpu") if run.resumed else None
-    if ck is not None:
-        policy.load_state_dict(ck["policy"])
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        set_rng_state(ck["rng"])
-        dataset.generator.set_state(ck["sampler"])
-
-    def save(at: int) -> None:
-        run.save({"policy": policy.state_dict(), "opt": opt.state_dict(), "step": at, "rng": rng_state(),
-                  "sampler": dataset.generator.get_state(), "dims": dims, "seed": args.seed,
-                  "dataset_meta": dataset.meta, "args": vars(args)})
-
-    act_fn = make_act_fn(policy, device, sample=args.eval_sample, seed=args.seed)
-    t0, steps_done = time.time(), 0
-    bar = tqdm(range(step, args.total_steps), initial=step, total=args.total_steps, desc="bc", dynamic_ncols=True,
-               mininterval=2.0)
-    for step in bar:
+    act_fn = make_act_fn(policy, run.device, sample=args.eval_sample)
+    run.start(dataset, env, act_fn, dims=dims, modules={"policy": policy}, optimizers={"policy": opt})
+    while run.training:
         b = dataset.sample(args.batch_size)
         loss = bc_loss(policy(b["obs"]), b["actions"], b["avail"], discrete)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        steps_done += 1
-        if step % args.log_every == 0:
-            run.log(step, {"losses/bc": loss.item(), "charts/updates_per_s": steps_done / max(1e-9, time.time() - t0)})
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.total_steps:
-            res = evaluate_policy(env, act_fn, args.eval_episodes, args.seed + step, args.eval_envs)
-            run.log_eval(step + 1, res)
-            run.log(step + 1, {"eval/return_per_step": res["return_per_step"]})
-            bar.set_postfix(eval=f"{res['return_mean']:.3f}", refresh=False)
-            save(step + 1)
-    bar.close()
-    wall = time.time() - t0
-    final = evaluate_policy(env, act_fn, args.final_eval_episodes, args.seed + 10_000, args.eval_envs)
-    run.log_final(args.total_steps, final)
-    summary = {"return_mean": final["return_mean"], "return_std": final["return_std"],
-               "return_per_step": final["return_per_step"], "win_rate": final["win_rate"],
-               "episode_limit": env.episode_limit, "updates_per_s": steps_done / max(1e-9, wall),
-               "wall_time_s": wall, "joint_policy": joint_policy_table(env, act_fn)}
-    run.finish(summary)
-    run.close()
-    return summary
+        run.record({"losses/bc": loss.detach()})
+    return run.finish()
 
 
 if __name__ == "__main__":

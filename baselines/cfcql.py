@@ -20,9 +20,7 @@ Agents share weights and see a one-hot id, all in one forward pass.
 """
 
 import copy
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,43 +30,55 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common import OfflineMarlError, catalog, friendly_errors
-from common.envs import evaluate, make_env_for
-from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+from common import OfflineMarlError, friendly_errors
+from common.runs import Run, eval_only, load_checkpoint, restore_args
 
 ALGO = "cfcql"
 
 
 @dataclass
 class Args:
+    # ------------------------------------------- shared fields (docs/architecture.md, the contract)
     env: str = "smacv1"
-    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2)"""
+    """environment family: matrix, bridge, mamujoco, rware, smacv1, smacv2"""
     task: str = "5m_vs_6m"
-    """task within the family"""
+    """task of the family (e.g. hard, penalty_xor, Hopper-3x1, protoss_5_vs_5)"""
     quality: str = "medium"
-    """dataset quality (e.g. expert, medium, mix; the names the catalog knows for the task)"""
+    """dataset quality in the catalog (e.g. mix, optimal, medium, expert)"""
     dataset: str = ""
-    """path of a dataset to use instead of the catalog's (native directory or a public format)"""
+    """path of a dataset (native directory or a public format) instead of the catalog's"""
     seed: int = 0
-    """random seed (networks, sampling, evaluation episodes)"""
+    """random seed (networks, sampling; evaluation episodes start at 1e6 * (seed + 1))"""
     device: str = "auto"
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
     total_steps: int = 1_000_000
     """gradient updates"""
     batch_size: int = 128
-    """transitions per update"""
+    """transitions (sequences for sequence models) per update"""
     eval_every: int = 5000
-    """evaluate (and checkpoint) every this many updates"""
+    """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 10
-    """episodes per periodic evaluation"""
+    """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
     final_eval_episodes: int = 100
     """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    eval_sample: bool = False
+    """evaluate by sampling actions from the policy instead of its greedy (argmax / mean) action"""
+    eval_episode_limit: int = 0
+    """evaluation episode limit (0: matrix 100, bridge 20, else the dataset's)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation (one batched forward pass)"""
+    log_every: int = 1000
+    """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
     resume: bool = False
-    """continue the newest run of the same (env, task, quality, algo, seed) from its checkpoint"""
+    """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
+    overwrite: bool = False
+    """replace the run in --run-dir (only files this project wrote are removed)"""
     run_dir: str = ""
-    """write the run here instead of runs/<env>__<task>__<quality>__cfcql__<seed>__<time>"""
+    """run directory (default: runs/<env>__<task>__<quality>__<algo>__<seed>__<time>)"""
     eval_only: bool = False
-    """only evaluate --checkpoint for --final-eval-episodes episodes"""
+    """evaluate --checkpoint and print one JSON line"""
     checkpoint: str = ""
     """checkpoint file or run directory for --eval-only"""
     # ---- CFCQL
@@ -102,12 +112,6 @@ class Args:
     """continuous: std of the noise added to the target actor's action (TD3 target smoothing)"""
     action_reg: float = 1e-3
     """continuous: weight of the squared-action penalty of the actor loss (reference)"""
-    eval_envs: int = 10
-    """environments stepped side by side during evaluation"""
-    eval_episode_limit: int = 0
-    """episode limit of the evaluation episodes; 0: the dataset's (Bridge data: 50, AlberDICE evaluates at 20)"""
-    log_every: int = 1000
-    """write training scalars every this many updates"""
 
 
 # ============================================================== pure functions
@@ -270,6 +274,9 @@ def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
 
 
 def make_act_fn(nets: nn.ModuleDict, discrete: bool, device: torch.device):
+    """act_fn(obs [E,N,o], state, avail [E,N,K]) -> actions: discrete, greedy in Q; continuous, the
+    deterministic TD3 actor."""
+
     @torch.no_grad()
     def act_fn(obs, state, avail):
         x = with_agent_id(torch.as_tensor(obs, dtype=torch.float32, device=device))
@@ -280,16 +287,19 @@ def make_act_fn(nets: nn.ModuleDict, discrete: bool, device: torch.device):
     return act_fn
 
 
-def load_policy(checkpoint: str, device: str = "cpu"):
+def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None):
     """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run; its
-    ``meta`` attribute is the dataset meta (to rebuild the environment)."""
-    ck = load_checkpoint(checkpoint, map_location=device)
-    if ck.get("algo") != ALGO:
-        raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not a {ALGO} one")
-    nets = build_networks(Args(**ck["args"]), ck["meta"]).to(device)
-    nets.load_state_dict(ck["nets"])
-    act_fn = make_act_fn(nets.eval(), ck["meta"]["discrete"], torch.device(device))
-    act_fn.meta = ck["meta"]
+    ``meta`` attribute is the dataset meta (to rebuild the environment). CFCQL acts greedily in Q
+    (discrete) or with its deterministic actor (continuous): ``sample`` must not be True."""
+    if sample:
+        raise OfflineMarlError("CFCQL's policies are deterministic (greedy in Q, or a TD3 actor); there is "
+                               "no action distribution to sample")
+    ck = load_checkpoint(checkpoint, ALGO)
+    args = restore_args(Args, ck["args"])
+    nets = build_networks(args, ck["dims"]).to(device)
+    nets.load_state_dict(ck["modules"]["nets"])
+    act_fn = make_act_fn(nets.eval(), ck["dims"]["discrete"], torch.device(device))
+    act_fn.meta, act_fn.args, act_fn.step = ck["meta"], args, ck["step"]
     return act_fn
 
 
@@ -300,33 +310,21 @@ def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
             pt.lerp_(p, tau)
 
 
-def dims_of(data) -> dict[str, Any]:
-    keys = ("env", "task", "quality", "n_agents", "obs_dim", "state_dim", "discrete", "n_actions", "act_dim",
-            "env_options")
-    return {k: data.meta[k] for k in keys if k in data.meta}
-
-
-def eval_only(args: Args) -> dict[str, Any]:
-    if not args.checkpoint:
-        raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
-    device = resolve_device(args.device)
-    act_fn = load_policy(args.checkpoint, str(device))
-    env = make_env_for(act_fn.meta, episode_limit=args.eval_episode_limit)
-    res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1),
-                   n_envs=args.eval_envs)
-    print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
-          + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
-    return res
+def dims_of(dataset) -> dict[str, Any]:
+    """The dataset's shapes that size the networks."""
+    return dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, state_dim=dataset.state_dim,
+                discrete=dataset.discrete, n_actions=dataset.n_actions, act_dim=dataset.act_dim)
 
 
 def main(args: Args) -> dict[str, Any]:
     if args.eval_only:
-        return eval_only(args)
-    set_seed(args.seed)
-    device = resolve_device(args.device)
-    data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    env = make_env_for(data.meta, episode_limit=args.eval_episode_limit)
-    data.check_env(env)
+        return eval_only(args, ALGO, load_policy)
+    run = Run(args, ALGO, positive=("n_action_samples", "target_update_interval"),
+              nonneg=("cql_alpha", "softmax_temp", "behaviour_steps", "target_noise", "policy_noise", "action_reg"),
+              checks=((not args.eval_sample, "--eval-sample: CFCQL's policies are deterministic (greedy in Q, or a "
+                       "TD3 actor); there is no action distribution to sample"),))
+    data, env = run.load_data()
+    device = run.device
     data.to(device).seed(args.seed)
     dims = dims_of(data)
     discrete = dims["discrete"]
@@ -339,16 +337,8 @@ def main(args: Args) -> dict[str, Any]:
     if not discrete:
         groups["actor"] = list(nets["actor"].parameters())
     opt = {k: torch.optim.Adam(p, lr=lr) for k, p in groups.items()}
-    run = Run(args, ALGO, resume=args.resume)
-    step = 0
-    if run.resumed:
-        ck = run.load(map_location=device)
-        nets.load_state_dict(ck["nets"])
-        for k, o in opt.items():
-            o.load_state_dict(ck["opt"][k])
-        step = ck["step"]
-        set_rng_state(ck["rng"])
-        data.generator.set_state(ck["data_rng"].cpu())
+    act_fn = make_act_fn(nets, discrete, device)
+    run.start(data, env, act_fn, dims=dims, modules={"nets": nets}, optimizers=opt)
 
     def step_on(key: str, loss: torch.Tensor, clip: float) -> None:
         opt[key].zero_grad(set_to_none=True)
@@ -359,7 +349,7 @@ def main(args: Args) -> dict[str, Any]:
     def behaviour_logp(x: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(nets["behaviour"](x).masked_fill(~avail, -1e10), -1)
 
-    if temp != 0 and not run.resumed:  # behaviour cloning of beta_i, then frozen (the reference trains it first)
+    if temp != 0 and not run.progress.get("behaviour_done"):  # beta_i by behaviour cloning, then frozen
         for _ in tqdm(range(args.behaviour_steps), desc="behaviour model", mininterval=2.0, dynamic_ncols=True):
             b = data.sample(args.batch_size)
             x = with_agent_id(b["obs"])
@@ -368,6 +358,8 @@ def main(args: Args) -> dict[str, Any]:
             else:
                 nll = -nets["behaviour"].log_prob(x, b["actions"]).mean()
             step_on("behaviour", nll, args.grad_clip)
+        run.progress["behaviour_done"] = True
+        run.checkpoint()
     nets["behaviour"].requires_grad_(False)
     q, mixer, q_t, mixer_t = nets["q"], nets["mixer"], nets["q_target"], nets["mixer_target"]
 
@@ -437,39 +429,13 @@ def main(args: Args) -> dict[str, Any]:
                 "charts/deviation": dev.mean()}
 
     update = update_discrete if discrete else update_continuous
-    act_fn = make_act_fn(nets, discrete, device)
-    eval_seed = 10_000 * (args.seed + 1)
-
-    def checkpoint(step: int) -> None:
-        run.save(dict(algo=ALGO, args=dataclasses.asdict(args), meta=dims, step=step, nets=nets.state_dict(),
-                      opt={k: o.state_dict() for k, o in opt.items()}, rng=rng_state(),
-                      data_rng=data.generator.get_state()))
-
-    t0, step0 = time.time(), step
-    pbar = tqdm(total=args.total_steps, initial=step, desc=ALGO, mininterval=2.0, dynamic_ncols=True)
-    while step < args.total_steps:
+    while run.training:
         info = update(data.sample(args.batch_size))
-        step += 1
-        pbar.update(1)
-        if discrete and step % args.target_update_interval == 0:
+        if discrete and (run.step + 1) % args.target_update_interval == 0:  # hard target update
             q_t.load_state_dict(q.state_dict())
             mixer_t.load_state_dict(mixer.state_dict())
-        if step % args.log_every == 0:
-            run.log(step, {**info, "charts/updates_per_s": (step - step0) / max(time.time() - t0, 1e-9)})
-        if step % args.eval_every == 0 or step == args.total_steps:
-            res = evaluate(env, act_fn, args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
-            run.log_eval(step, res)
-            pbar.set_postfix(eval=f"{res['return_mean']:.3f}")
-            checkpoint(step)
-    pbar.close()
-    wall = time.time() - t0
-    final = evaluate(env, act_fn, args.final_eval_episodes, seed=eval_seed + 1, n_envs=args.eval_envs)
-    run.log_final(step, final)
-    summary = dict(return_mean=final["return_mean"], return_std=final["return_std"], win_rate=final["win_rate"],
-                   steps=step, updates_per_s=(step - step0) / max(wall, 1e-9), wall_s=wall, run_dir=str(run.dir))
-    run.finish(summary)
-    run.close()
-    return summary
+        run.record(info)
+    return run.finish()
 
 
 if __name__ == "__main__":

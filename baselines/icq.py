@@ -24,9 +24,7 @@ share weights and see a one-hot id, all in one forward pass.
 """
 
 import copy
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,45 +32,56 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
 
-from common import OfflineMarlError, catalog, friendly_errors
-from common.envs import evaluate, make_env_for
-from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+from common import OfflineMarlError, friendly_errors
+from common.runs import Run, eval_only, load_checkpoint, restore_args
 
 ALGO = "icq"
 
 
 @dataclass
 class Args:
+    # ------------------------------------------- shared fields (docs/architecture.md, the contract)
     env: str = "smacv1"
-    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2)"""
+    """environment family: matrix, bridge, mamujoco, rware, smacv1, smacv2"""
     task: str = "5m_vs_6m"
-    """task within the family"""
+    """task of the family (e.g. hard, penalty_xor, Hopper-3x1, protoss_5_vs_5)"""
     quality: str = "medium"
-    """dataset quality (e.g. expert, medium, mix; the names the catalog knows for the task)"""
+    """dataset quality in the catalog (e.g. mix, optimal, medium, expert)"""
     dataset: str = ""
-    """path of a dataset to use instead of the catalog's (native directory or a public format)"""
+    """path of a dataset (native directory or a public format) instead of the catalog's"""
     seed: int = 0
-    """random seed (networks, sampling, evaluation episodes)"""
+    """random seed (networks, sampling; evaluation episodes start at 1e6 * (seed + 1))"""
     device: str = "auto"
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
     total_steps: int = 100_000
-    """gradient updates (one critic and one policy step each)"""
+    """gradient updates"""
     batch_size: int = 32
-    """sequences (whole episodes or windows, see --seq-len) per update (reference: 32 episodes)"""
+    """transitions (sequences for sequence models) per update"""
     eval_every: int = 2000
-    """evaluate (and checkpoint) every this many updates"""
+    """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 10
-    """episodes per periodic evaluation"""
+    """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
     final_eval_episodes: int = 100
     """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    eval_sample: bool = False
+    """evaluate by sampling actions from the policy instead of its greedy (argmax / mean) action"""
+    eval_episode_limit: int = 0
+    """evaluation episode limit (0: matrix 100, bridge 20, else the dataset's)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation (one batched forward pass)"""
+    log_every: int = 500
+    """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
     resume: bool = False
-    """continue the newest run of the same (env, task, quality, algo, seed) from its checkpoint"""
+    """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
+    overwrite: bool = False
+    """replace the run in --run-dir (only files this project wrote are removed)"""
     run_dir: str = ""
-    """write the run here instead of runs/<env>__<task>__<quality>__icq__<seed>__<time>"""
+    """run directory (default: runs/<env>__<task>__<quality>__<algo>__<seed>__<time>)"""
     eval_only: bool = False
-    """only evaluate --checkpoint for --final-eval-episodes episodes"""
+    """evaluate --checkpoint and print one JSON line"""
     checkpoint: str = ""
     """checkpoint file or run directory for --eval-only"""
     # ---- ICQ
@@ -110,14 +119,6 @@ class Args:
     """reference policy weights: w_i(s) multiplies the normalised weight instead of scaling the exponent"""
     n_baseline_samples: int = 4
     """continuous: policy samples that estimate each agent's baseline E_{a~pi_i} Q_i"""
-    eval_sample: bool = False
-    """evaluate with sampled actions instead of the mode (discrete: argmax, continuous: tanh(mean))"""
-    eval_envs: int = 10
-    """environments stepped side by side during evaluation"""
-    eval_episode_limit: int = 0
-    """episode limit of the evaluation episodes; 0: the dataset's (Bridge data: 50, AlberDICE evaluates at 20)"""
-    log_every: int = 500
-    """write training scalars every this many updates"""
 
 
 # ============================================================== pure functions
@@ -308,11 +309,13 @@ class ActFn:
     """A stateful ``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` for evaluation:
     it keeps each environment's GRU state and ``reset(mask [E])`` clears it at episode starts."""
 
-    def __init__(self, policy: Policy, device: torch.device, sample: bool, seed: int,
-                 meta: dict[str, Any] | None = None):
+    def __init__(self, policy: Policy, device: torch.device, sample: bool, meta: dict[str, Any] | None = None):
         self.policy, self.device, self.sample, self.meta = policy, device, sample, meta
-        self.gen = torch.Generator(device).manual_seed(seed)
+        self.gen = torch.Generator(device)  # reseeded by common.envs.evaluate
         self.h: torch.Tensor | None = None
+
+    def reseed(self, seed: int) -> None:
+        self.gen.manual_seed(seed)
 
     def reset(self, mask) -> None:
         if self.h is not None:
@@ -345,43 +348,29 @@ def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None
     """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run (stateful: it
     has ``reset(mask)``; ``sample``: sampled actions, None: as the run was evaluated); its ``meta``
     attribute is the dataset meta (to rebuild the environment)."""
-    ck = load_checkpoint(checkpoint, map_location=device)
-    if ck.get("algo") != ALGO:
-        raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not an {ALGO} one")
-    args = Args(**ck["args"])
-    nets = build_networks(args, ck["meta"]).to(device)
-    nets.load_state_dict(ck["nets"])
-    return ActFn(nets["policy"].eval(), torch.device(device), args.eval_sample if sample is None else sample, args.seed,
-                 ck["meta"])
+    ck = load_checkpoint(checkpoint, ALGO)
+    args = restore_args(Args, ck["args"])
+    nets = build_networks(args, ck["dims"]).to(device)
+    nets.load_state_dict(ck["modules"]["nets"])
+    act_fn = ActFn(nets["policy"].eval(), torch.device(device), args.eval_sample if sample is None else sample,
+                   ck["meta"])
+    act_fn.args, act_fn.step = args, ck["step"]
+    return act_fn
 
 
 # ======================================================================= main
-def dims_of(data) -> dict[str, Any]:
-    keys = ("env", "task", "quality", "n_agents", "obs_dim", "state_dim", "discrete", "n_actions", "act_dim",
-            "env_options")
-    return {k: data.meta[k] for k in keys if k in data.meta}
-
-
-def eval_only(args: Args) -> dict[str, Any]:
-    if not args.checkpoint:
-        raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
-    device = resolve_device(args.device)
-    act_fn = load_policy(args.checkpoint, str(device), args.eval_sample)
-    env = make_env_for(act_fn.meta, episode_limit=args.eval_episode_limit)
-    res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1), n_envs=args.eval_envs)
-    print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
-          + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
-    return res
+def dims_of(dataset) -> dict[str, Any]:
+    """The dataset's shapes that size the networks."""
+    return dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, state_dim=dataset.state_dim,
+                discrete=dataset.discrete, n_actions=dataset.n_actions, act_dim=dataset.act_dim)
 
 
 def main(args: Args) -> dict[str, Any]:
     if args.eval_only:
-        return eval_only(args)
-    set_seed(args.seed)
-    device = resolve_device(args.device)
-    data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    env = make_env_for(data.meta, episode_limit=args.eval_episode_limit)
-    data.check_env(env)
+        return eval_only(args, ALGO, load_policy)
+    run = Run(args, ALGO, positive=("target_update_interval",), nonneg=("weight_clip",))
+    data, env = run.load_data()
+    device = run.device
     data.to(device).seed(args.seed)
     dims = dims_of(data)
     disc = dims["discrete"]
@@ -396,19 +385,7 @@ def main(args: Args) -> dict[str, Any]:
     critic_params = [*critic.parameters(), *mixer.parameters()]
     opt = {"critic": torch.optim.Adam(critic_params, lr=args.lr_critic),
            "policy": torch.optim.Adam(policy.parameters(), lr=args.lr_actor)}
-    run = Run(args, ALGO, resume=args.resume)
-    step = 0
-    if run.resumed:
-        ck = run.load(map_location=device)
-        nets.load_state_dict(ck["nets"])
-        for k, o in opt.items():
-            o.load_state_dict(ck["opt"][k])
-        step = ck["step"]
-        set_rng_state(ck["rng"])
-        data.generator.set_state(ck["data_rng"].cpu())
     gen = torch.Generator(device).manual_seed(args.seed + 1)  # the continuous baseline's policy samples
-    if run.resumed and "gen" in ck:
-        gen.set_state(ck["gen"].cpu())
 
     def update(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # slots k = 0..L of the sequence (L transitions + the observation after the last one)
@@ -478,42 +455,16 @@ def main(args: Args) -> dict[str, Any]:
                 "charts/target": (y * loss_mask).sum() / n_loss, "charts/rho_max": rho.max(),
                 "charts/omega_max": omega.max(), "charts/mixer_w_mean": w_mix.mean()}
 
-    act_fn = ActFn(policy, device, args.eval_sample, args.seed, dims)
-    eval_seed = 10_000 * (args.seed + 1)
+    act_fn = ActFn(policy, device, args.eval_sample)
     sample_len = None if seq_len == 0 else seq_len + 1
-
-    def checkpoint(step: int) -> None:
-        run.save(dict(algo=ALGO, args=dataclasses.asdict(args), meta=dims, step=step, nets=nets.state_dict(),
-                      opt={k: o.state_dict() for k, o in opt.items()}, rng=rng_state(),
-                      data_rng=data.generator.get_state(), gen=gen.get_state()))
-
-    last_eval = None
-    t0, step0 = time.time(), step
-    pbar = tqdm(total=args.total_steps, initial=step, desc=ALGO, mininterval=2.0, dynamic_ncols=True)
-    while step < args.total_steps:
+    run.start(data, env, act_fn, dims=dims, modules={"nets": nets}, optimizers=opt, generators={"policy": gen})
+    while run.training:
         info = update(data.sample_sequences(args.batch_size, sample_len))
-        step += 1
-        pbar.update(1)
-        if step % args.target_update_interval == 0:
+        if (run.step + 1) % args.target_update_interval == 0:  # hard target update
             critic_t.load_state_dict(critic.state_dict())
             mixer_t.load_state_dict(mixer.state_dict())
-        if step % args.log_every == 0:
-            run.log(step, {**info, "charts/updates_per_s": (step - step0) / max(time.time() - t0, 1e-9)})
-        if step % args.eval_every == 0 or step == args.total_steps:
-            res = evaluate(env, act_fn, args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
-            run.log_eval(step, res)
-            last_eval = res["return_mean"]
-            pbar.set_postfix(eval=f"{last_eval:.3f}")
-            checkpoint(step)
-    pbar.close()
-    wall = time.time() - t0
-    final = evaluate(env, act_fn, args.final_eval_episodes, seed=eval_seed + 1, n_envs=args.eval_envs)
-    run.log_final(step, final)
-    summary = dict(return_mean=final["return_mean"], return_std=final["return_std"], win_rate=final["win_rate"],
-                   steps=step, updates_per_s=(step - step0) / max(wall, 1e-9), wall_s=wall, run_dir=str(run.dir))
-    run.finish(summary)
-    run.close()
-    return summary
+        run.record(info)
+    return run.finish()
 
 
 if __name__ == "__main__":

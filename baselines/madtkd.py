@@ -20,8 +20,6 @@ student conditions on a target return, lowered by the rewards received (Eq. K3).
     python baselines/madtkd.py --env mamujoco --task Hopper-3x1 --quality medium
 """
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,45 +28,56 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
 
-from common import OfflineMarlError, catalog, friendly_errors
-from common.envs import evaluate, make_env_for
-from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+from common import friendly_errors
+from common.runs import Run, eval_only, load_checkpoint, restore_args
 
 ALGO = "madtkd"
 
 
 @dataclass
 class Args:
+    # ------------------------------------------- shared fields (docs/architecture.md, the contract)
     env: str = "smacv1"
-    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2)"""
+    """environment family: matrix, bridge, mamujoco, rware, smacv1, smacv2"""
     task: str = "5m_vs_6m"
-    """task within the family"""
+    """task of the family (e.g. hard, penalty_xor, Hopper-3x1, protoss_5_vs_5)"""
     quality: str = "medium"
-    """dataset quality (e.g. expert, medium, mix; the names the catalog knows for the task)"""
+    """dataset quality in the catalog (e.g. mix, optimal, medium, expert)"""
     dataset: str = ""
-    """path of a dataset to use instead of the catalog's (native directory or a public format)"""
+    """path of a dataset (native directory or a public format) instead of the catalog's"""
     seed: int = 0
-    """random seed (networks, sampling, evaluation episodes)"""
+    """random seed (networks, sampling; evaluation episodes start at 1e6 * (seed + 1))"""
     device: str = "auto"
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
     total_steps: int = 100_000
-    """gradient updates, teacher and student together (the first --teacher-steps train the teacher)"""
+    """gradient updates"""
     batch_size: int = 64
-    """windows of --context-len steps per update"""
+    """transitions (sequences for sequence models) per update"""
     eval_every: int = 5000
-    """evaluate (and checkpoint) every this many updates"""
+    """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 10
-    """episodes per periodic evaluation"""
+    """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
     final_eval_episodes: int = 100
     """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    eval_sample: bool = False
+    """evaluate by sampling actions from the policy instead of its greedy (argmax / mean) action"""
+    eval_episode_limit: int = 0
+    """evaluation episode limit (0: matrix 100, bridge 20, else the dataset's)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation (one batched forward pass)"""
+    log_every: int = 500
+    """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
     resume: bool = False
-    """continue the newest run of the same (env, task, quality, algo, seed) from its checkpoint"""
+    """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
+    overwrite: bool = False
+    """replace the run in --run-dir (only files this project wrote are removed)"""
     run_dir: str = ""
-    """write the run here instead of runs/<env>__<task>__<quality>__madtkd__<seed>__<time>"""
+    """run directory (default: runs/<env>__<task>__<quality>__<algo>__<seed>__<time>)"""
     eval_only: bool = False
-    """only evaluate --checkpoint for --final-eval-episodes episodes"""
+    """evaluate --checkpoint and print one JSON line"""
     checkpoint: str = ""
     """checkpoint file or run directory for --eval-only"""
     # ---- MADTKD
@@ -104,15 +113,6 @@ class Args:
     """returns-to-go are divided by this; None: the largest absolute episode return in the dataset"""
     target_return: float | None = None
     """return the students are conditioned on at evaluation; None: the best episode return in the dataset"""
-    eval_sample: bool = False
-    """discrete: evaluate with actions sampled from the predicted policy instead of its mode
-    (AlberDICE's protocol on the matrix games and Bridge); continuous predictions are deterministic"""
-    eval_envs: int = 10
-    """environments stepped side by side during evaluation"""
-    eval_episode_limit: int = 0
-    """episode limit of the evaluation episodes; 0: the dataset's (Bridge data: 50, AlberDICE evaluates at 20)"""
-    log_every: int = 500
-    """write training scalars every this many updates"""
 
 
 # ============================================================== pure functions
@@ -256,11 +256,14 @@ class ActFn:
 
     def __init__(self, model: DecisionTransformer, dims: dict[str, Any], context_len: int, rtg_scale: float,
                  target_return: float, device: torch.device, centralised: bool = False, meta: dict | None = None,
-                 sample: bool = False, seed: int = 0):
+                 sample: bool = False):
         self.model, self.dims, self.K, self.device = model, dims, context_len, device
         self.scale, self.target, self.centralised, self.meta = rtg_scale, target_return, centralised, meta
-        self.sample, self.gen = sample, torch.Generator(device).manual_seed(seed)
+        self.sample, self.gen = sample, torch.Generator(device)  # reseeded by common.envs.evaluate
         self.E = 0
+
+    def reseed(self, seed: int) -> None:
+        self.gen.manual_seed(seed)
 
     def _alloc(self, E: int) -> None:
         d, K, N = self.dims, self.K, self.dims["n_agents"]
@@ -324,56 +327,42 @@ def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None
     """The students' ``act_fn`` of a saved run, conditioned on the run's target return (stateful:
     ``reset(mask)``, ``observe_reward(r)``; ``sample``: sampled discrete actions, None: as the run
     was evaluated); its ``meta`` attribute is the dataset meta."""
-    ck = load_checkpoint(checkpoint, map_location=device)
-    if ck.get("algo") != ALGO:
-        raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not a {ALGO} one")
-    args = Args(**ck["args"])
-    nets = build_networks(args, ck["meta"]).to(device).eval()
-    nets.load_state_dict(ck["nets"])
-    m = ck["meta"]
-    return ActFn(nets["student"], m, args.context_len, m["rtg_scale"], m["target_return"], torch.device(device),
-                 meta=m, sample=args.eval_sample if sample is None else sample, seed=args.seed)
+    ck = load_checkpoint(checkpoint, ALGO)
+    args = restore_args(Args, ck["args"])
+    nets = build_networks(args, ck["dims"]).to(device).eval()
+    nets.load_state_dict(ck["modules"]["nets"])
+    d = ck["dims"]
+    act_fn = ActFn(nets["student"], d, args.context_len, d["rtg_scale"], d["target_return"], torch.device(device),
+                   meta=ck["meta"], sample=args.eval_sample if sample is None else sample)
+    act_fn.args, act_fn.step = args, ck["step"]
+    return act_fn
 
 
 # ======================================================================= main
-def dims_of(data) -> dict[str, Any]:
-    keys = ("env", "task", "quality", "n_agents", "obs_dim", "state_dim", "discrete", "n_actions", "act_dim",
-            "env_options")
-    return {k: data.meta[k] for k in keys if k in data.meta}
-
-
-def eval_only(args: Args) -> dict[str, Any]:
-    if not args.checkpoint:
-        raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
-    device = resolve_device(args.device)
-    act_fn = load_policy(args.checkpoint, str(device), args.eval_sample)
-    if args.target_return is not None:
-        act_fn.target = args.target_return
-    env = make_env_for(act_fn.meta, episode_limit=args.eval_episode_limit)
-    res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1), n_envs=args.eval_envs)
-    print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
-          + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
-    return res
+def dims_of(dataset) -> dict[str, Any]:
+    """The dataset's shapes that size the networks."""
+    return dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, state_dim=dataset.state_dim,
+                discrete=dataset.discrete, n_actions=dataset.n_actions, act_dim=dataset.act_dim)
 
 
 def main(args: Args) -> dict[str, Any]:
     if args.eval_only:
-        return eval_only(args)
-    set_seed(args.seed)
-    device = resolve_device(args.device)
-    data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    env = make_env_for(data.meta, episode_limit=args.eval_episode_limit)
-    data.check_env(env)
+        return eval_only(args, ALGO, load_policy)
     teacher_steps = args.total_steps // 2 if args.teacher_steps is None else args.teacher_steps
-    if not 0 <= teacher_steps <= args.total_steps:
-        raise OfflineMarlError(f"--teacher-steps must lie in [0, --total-steps], got {teacher_steps}")
+    run = Run(args, ALGO, positive=("context_len", "warmup_steps"), nonneg=("weight_decay", "bc_coef", "kd_action",
+                                                                           "kd_feature", "kd_relation", "rtg_scale"),
+              checks=((0 <= teacher_steps <= args.total_steps,
+                       f"--teacher-steps must lie in [0, --total-steps], got {teacher_steps}"),))
+    data, env = run.load_data()
+    device = run.device
     # per-row return-to-go and time step, gathered with the sampler's rows
     returns = data.episode_returns()
     rtg_scale = args.rtg_scale or max(float(np.abs(returns).max()), 1e-6)
     target = float(returns.max()) if args.target_return is None else args.target_return
     es = np.asarray(data.episode_start)
     t_row = np.arange(data.n_rows) - np.repeat(es[:-1], np.diff(es))
-    max_t = int(max(data.episode_lengths.max(), getattr(env, "episode_limit", 0))) + 1
+    limit = data.meta.get("env_options", {}).get("episode_limit") or data.meta.get("episode_limit") or 0
+    max_t = int(max(data.episode_lengths.max(), limit)) + 1  # time embeddings; later steps share the last
     data.to(device).seed(args.seed)
     rtg_all = torch.as_tensor(data.returns_to_go() / rtg_scale, device=device)
     t_all = torch.as_tensor(t_row, device=device)
@@ -384,16 +373,6 @@ def main(args: Args) -> dict[str, Any]:
     opt = {"teacher": torch.optim.AdamW(teacher.parameters(), lr=args.lr, weight_decay=args.weight_decay),
            "student": torch.optim.AdamW([*student.parameters(), *project.parameters()], lr=args.lr,
                                         weight_decay=args.weight_decay)}
-    run = Run(args, ALGO, resume=args.resume)
-    step = 0
-    if run.resumed:
-        ck = run.load(map_location=device)
-        nets.load_state_dict(ck["nets"])
-        for k, o in opt.items():
-            o.load_state_dict(ck["opt"][k])
-        step = ck["step"]
-        set_rng_state(ck["rng"])
-        data.generator.set_state(ck["data_rng"].cpu())
     K = args.context_len
 
     def window(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -430,50 +409,15 @@ def main(args: Args) -> dict[str, Any]:
         return {"losses/student": loss.detach(), "losses/student_bc": bc.detach(),
                 **{f"losses/kd_{k}": v.detach() for k, v in kd.items()}}
 
-    eval_seed = 10_000 * (args.seed + 1)
-
-    def act_fn_for(centralised: bool) -> ActFn:
-        return ActFn(teacher if centralised else student, dims, K, rtg_scale, target, device, centralised,
-                     sample=args.eval_sample, seed=args.seed)
-
-    def checkpoint(step: int) -> None:
-        run.save(dict(algo=ALGO, args=dataclasses.asdict(args), meta=dims, step=step, nets=nets.state_dict(),
-                      opt={k: o.state_dict() for k, o in opt.items()}, rng=rng_state(),
-                      data_rng=data.generator.get_state()))
-
-    last_eval = None
-    t0, step0 = time.time(), step
-    pbar = tqdm(total=args.total_steps, initial=step, desc=ALGO, mininterval=2.0, dynamic_ncols=True)
-    while step < args.total_steps:
+    act_fn = ActFn(student, dims, K, rtg_scale, target, device, centralised=False, sample=args.eval_sample)
+    run.start(data, env, act_fn, dims=dims, modules={"nets": nets}, optimizers=opt)
+    while run.training:
         w = window(data.sample_sequences(args.batch_size, K))
-        in_teacher = step < teacher_steps
-        info = update_teacher(w, step) if in_teacher else update_student(w, step - teacher_steps)
-        step += 1
-        pbar.update(1)
-        if step % args.log_every == 0:
-            run.log(step, {**info, "charts/updates_per_s": (step - step0) / max(time.time() - t0, 1e-9)})
-        if step % args.eval_every == 0 or step == args.total_steps:
-            nets.eval()
-            if in_teacher:  # the centralised teacher's return, for reference (not in metrics.json)
-                res = evaluate(env, act_fn_for(True), args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
-                run.log(step, {"eval/teacher_return_mean": res["return_mean"],
-                               "eval/teacher_win_rate": res["win_rate"]})
-            else:
-                res = evaluate(env, act_fn_for(False), args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
-                run.log_eval(step, res)
-            last_eval = res["return_mean"]
-            pbar.set_postfix(eval=f"{last_eval:.3f}", phase="teacher" if in_teacher else "student")
-            checkpoint(step)
-    pbar.close()
-    wall = time.time() - t0
-    nets.eval()
-    final = evaluate(env, act_fn_for(False), args.final_eval_episodes, seed=eval_seed + 1, n_envs=args.eval_envs)
-    run.log_final(step, final)
-    summary = dict(return_mean=final["return_mean"], return_std=final["return_std"], win_rate=final["win_rate"],
-                   steps=step, updates_per_s=(step - step0) / max(wall, 1e-9), wall_s=wall, run_dir=str(run.dir))
-    run.finish(summary)
-    run.close()
-    return summary
+        if run.step < teacher_steps:  # phase 1: the centralised teacher; phase 2: the students
+            run.record(update_teacher(w, run.step))
+        else:
+            run.record(update_student(w, run.step - teacher_steps))
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ variant"). Agents share weights and see a one-hot id, all in one forward pass.
 """
 
 import copy
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,45 +30,56 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
 
-from common import OfflineMarlError, catalog, friendly_errors
-from common.envs import evaluate, make_env_for
-from common.runs import Run, load_checkpoint, resolve_device, rng_state, set_rng_state, set_seed
+from common import friendly_errors
+from common.runs import Run, eval_only, load_checkpoint, restore_args
 
 ALGO = "omar"
 
 
 @dataclass
 class Args:
+    # ------------------------------------------- shared fields (docs/architecture.md, the contract)
     env: str = "mamujoco"
-    """environment family (matrix, bridge, mamujoco, rware, smacv1, smacv2)"""
+    """environment family: matrix, bridge, mamujoco, rware, smacv1, smacv2"""
     task: str = "Hopper-3x1"
-    """task within the family"""
+    """task of the family (e.g. hard, penalty_xor, Hopper-3x1, protoss_5_vs_5)"""
     quality: str = "medium"
-    """dataset quality (e.g. expert, medium, mix; the names the catalog knows for the task)"""
+    """dataset quality in the catalog (e.g. mix, optimal, medium, expert)"""
     dataset: str = ""
-    """path of a dataset to use instead of the catalog's (native directory or a public format)"""
+    """path of a dataset (native directory or a public format) instead of the catalog's"""
     seed: int = 0
-    """random seed (networks, sampling, evaluation episodes)"""
+    """random seed (networks, sampling; evaluation episodes start at 1e6 * (seed + 1))"""
     device: str = "auto"
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
     total_steps: int = 100_000
-    """gradient updates (reference MaMuJoCo: 1e5 update rounds)"""
+    """gradient updates"""
     batch_size: int = 256
-    """transitions per update (reference MaMuJoCo: 256)"""
+    """transitions (sequences for sequence models) per update"""
     eval_every: int = 5000
-    """evaluate (and checkpoint) every this many updates"""
+    """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 10
-    """episodes per periodic evaluation"""
+    """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
     final_eval_episodes: int = 100
     """episodes of the final evaluation (metrics.json absolute_metrics)"""
+    eval_sample: bool = False
+    """evaluate by sampling actions from the policy instead of its greedy (argmax / mean) action"""
+    eval_episode_limit: int = 0
+    """evaluation episode limit (0: matrix 100, bridge 20, else the dataset's)"""
+    eval_envs: int = 10
+    """environments stepped side by side during evaluation (one batched forward pass)"""
+    log_every: int = 1000
+    """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
     resume: bool = False
-    """continue the newest run of the same (env, task, quality, algo, seed) from its checkpoint"""
+    """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
+    overwrite: bool = False
+    """replace the run in --run-dir (only files this project wrote are removed)"""
     run_dir: str = ""
-    """write the run here instead of runs/<env>__<task>__<quality>__omar__<seed>__<time>"""
+    """run directory (default: runs/<env>__<task>__<quality>__<algo>__<seed>__<time>)"""
     eval_only: bool = False
-    """only evaluate --checkpoint for --final-eval-episodes episodes"""
+    """evaluate --checkpoint and print one JSON line"""
     checkpoint: str = ""
     """checkpoint file or run directory for --eval-only"""
     # ---- OMAR
@@ -107,15 +116,6 @@ class Args:
     """refit to the elites' mean and std (reference MaMuJoCo), or to the exp(Q)-weighted mean (reference MPE)"""
     action_l2: float = 1e-3
     """weight of the actor's action-magnitude penalty mean(pi(o)^2) (reference: 1e-3; continuous)"""
-    eval_sample: bool = False
-    """discrete: evaluate with actions sampled from the categorical policy instead of its mode
-    (AlberDICE's protocol on the matrix games and Bridge); continuous actors are deterministic"""
-    eval_envs: int = 10
-    """environments stepped side by side during evaluation"""
-    eval_episode_limit: int = 0
-    """episode limit of the evaluation episodes; 0: the dataset's (Bridge data: 50, AlberDICE evaluates at 20)"""
-    log_every: int = 1000
-    """write training scalars every this many updates"""
 
 
 # ============================================================== pure functions
@@ -245,8 +245,10 @@ def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
     return nets
 
 
-def make_act_fn(actor: Actor, device: torch.device, sample: bool = False, seed: int = 0):
-    gen = torch.Generator(device).manual_seed(seed)
+def make_act_fn(actor: Actor, device: torch.device, sample: bool = False):
+    """act_fn(obs [E,N,o], state, avail [E,N,K]) -> actions: discrete, the argmax or (``sample``) a draw
+    with the act_fn's own generator (reseeded by common.envs.evaluate); continuous, the deterministic actor."""
+    gen = torch.Generator(device)
 
     @torch.no_grad()
     def act_fn(obs, state, avail):
@@ -259,6 +261,7 @@ def make_act_fn(actor: Actor, device: torch.device, sample: bool = False, seed: 
             return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1]).cpu().numpy()
         return actor(x).cpu().numpy()
 
+    act_fn.reseed = gen.manual_seed
     return act_fn
 
 
@@ -266,15 +269,12 @@ def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None
     """``act_fn(obs [E,N,o], state [E,S], avail [E,N,K]) -> actions`` of a saved run (``sample``:
     sampled discrete actions; None: as the run was evaluated); its ``meta`` attribute is the dataset
     meta (to rebuild the environment)."""
-    ck = load_checkpoint(checkpoint, map_location=device)
-    if ck.get("algo") != ALGO:
-        raise OfflineMarlError(f"{checkpoint} is a {ck.get('algo')!r} checkpoint, not an {ALGO} one")
-    args = Args(**ck["args"])
-    nets = build_networks(args, ck["meta"]).to(device)
-    nets.load_state_dict(ck["nets"])
-    act_fn = make_act_fn(nets["actor"].eval(), torch.device(device), args.eval_sample if sample is None else sample,
-                         args.seed)
-    act_fn.meta = ck["meta"]
+    ck = load_checkpoint(checkpoint, ALGO)
+    args = restore_args(Args, ck["args"])
+    nets = build_networks(args, ck["dims"]).to(device)
+    nets.load_state_dict(ck["modules"]["nets"])
+    act_fn = make_act_fn(nets["actor"].eval(), torch.device(device), args.eval_sample if sample is None else sample)
+    act_fn.meta, act_fn.args, act_fn.step = ck["meta"], args, ck["step"]
     return act_fn
 
 
@@ -285,34 +285,18 @@ def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
             pt.lerp_(p, tau)
 
 
-def dims_of(data) -> dict[str, Any]:
-    keys = ("env", "task", "quality", "n_agents", "obs_dim", "state_dim", "discrete", "n_actions", "act_dim",
-            "env_options")
-    return {k: data.meta[k] for k in keys if k in data.meta}
-
-
-def eval_only(args: Args) -> dict[str, Any]:
-    if not args.checkpoint:
-        raise OfflineMarlError("--eval-only needs --checkpoint PATH (a checkpoint file or a run directory)")
-    device = resolve_device(args.device)
-    act_fn = load_policy(args.checkpoint, str(device), args.eval_sample)
-    env = make_env_for(act_fn.meta, episode_limit=args.eval_episode_limit)
-    res = evaluate(env, act_fn, args.final_eval_episodes, seed=10_000 * (args.seed + 1), n_envs=args.eval_envs)
-    print(f"return {res['return_mean']:.3f} +- {res['return_std']:.3f}"
-          + (f", win rate {res['win_rate']:.3f}" if res["win_rate"] is not None else ""))
-    return res
+def dims_of(dataset) -> dict[str, Any]:
+    """The dataset's shapes that size the networks."""
+    return dict(n_agents=dataset.n_agents, obs_dim=dataset.obs_dim, state_dim=dataset.state_dim,
+                discrete=dataset.discrete, n_actions=dataset.n_actions, act_dim=dataset.act_dim)
 
 
 def main(args: Args) -> dict[str, Any]:
     if args.eval_only:
-        return eval_only(args)
-    if not 0.0 <= args.omar_coe <= 1.0:
-        raise OfflineMarlError(f"--omar-coe is a mixing weight in [0, 1], got {args.omar_coe}")
-    set_seed(args.seed)
-    device = resolve_device(args.device)
-    data = catalog.load(args.env, args.task, args.quality, args.dataset or None)
-    env = make_env_for(data.meta, episode_limit=args.eval_episode_limit)
-    data.check_env(env)
+        return eval_only(args, ALGO, load_policy)
+    run = Run(args, ALGO, unit=("omar_coe",))
+    data, env = run.load_data()
+    device = run.device
     data.to(device).seed(args.seed)
     dims = dims_of(data)
     disc = dims["discrete"]
@@ -320,18 +304,7 @@ def main(args: Args) -> dict[str, Any]:
     critic, actor, critic_t, actor_t = nets["critic"], nets["actor"], nets["critic_target"], nets["actor_target"]
     opt = {"critic": torch.optim.Adam(critic.parameters(), lr=args.lr),
            "actor": torch.optim.Adam(actor.parameters(), lr=args.lr)}
-    run = Run(args, ALGO, resume=args.resume)
-    step = 0
     gen = torch.Generator(device).manual_seed(args.seed + 1)  # CQL and CEM samples
-    if run.resumed:
-        ck = run.load(map_location=device)
-        nets.load_state_dict(ck["nets"])
-        for k, o in opt.items():
-            o.load_state_dict(ck["opt"][k])
-        step = ck["step"]
-        set_rng_state(ck["rng"])
-        data.generator.set_state(ck["data_rng"].cpu())
-        gen.set_state(ck["gen"].cpu())
     ad = dims.get("act_dim", 1)
 
     def step_on(key: str, loss: torch.Tensor, module: nn.Module) -> None:
@@ -407,40 +380,11 @@ def main(args: Args) -> dict[str, Any]:
                 "charts/pi_hat": (probs.detach() * a_hat).sum(-1).mean()}
 
     update = update_discrete if disc else update_continuous
-    act_fn = make_act_fn(actor, device, args.eval_sample, args.seed)
-    eval_seed = 10_000 * (args.seed + 1)
-
-    def checkpoint(step: int) -> None:
-        run.save(dict(algo=ALGO, args=dataclasses.asdict(args), meta=dims, step=step, nets=nets.state_dict(),
-                      opt={k: o.state_dict() for k, o in opt.items()}, rng=rng_state(),
-                      data_rng=data.generator.get_state(), gen=gen.get_state()))
-
-    last_eval = None
-    t0, step0 = time.time(), step
-    pbar = tqdm(total=args.total_steps, initial=step, desc=ALGO, mininterval=2.0, dynamic_ncols=True)
-    while step < args.total_steps:
-        info = update(data.sample(args.batch_size))
-        polyak(critic_t, critic, args.tau)
-        polyak(actor_t, actor, args.tau)
-        step += 1
-        pbar.update(1)
-        if step % args.log_every == 0:
-            run.log(step, {**info, "charts/updates_per_s": (step - step0) / max(time.time() - t0, 1e-9)})
-        if step % args.eval_every == 0 or step == args.total_steps:
-            res = evaluate(env, act_fn, args.eval_episodes, seed=eval_seed, n_envs=args.eval_envs)
-            run.log_eval(step, res)
-            last_eval = res["return_mean"]
-            pbar.set_postfix(eval=f"{last_eval:.3f}")
-            checkpoint(step)
-    pbar.close()
-    wall = time.time() - t0
-    final = evaluate(env, act_fn, args.final_eval_episodes, seed=eval_seed + 1, n_envs=args.eval_envs)
-    run.log_final(step, final)
-    summary = dict(return_mean=final["return_mean"], return_std=final["return_std"], win_rate=final["win_rate"],
-                   steps=step, updates_per_s=(step - step0) / max(wall, 1e-9), wall_s=wall, run_dir=str(run.dir))
-    run.finish(summary)
-    run.close()
-    return summary
+    act_fn = make_act_fn(actor, device, args.eval_sample)
+    run.start(data, env, act_fn, dims=dims, modules={"nets": nets}, optimizers=opt, generators={"samples": gen})
+    while run.training:
+        run.record(update(data.sample(args.batch_size)))
+    return run.finish()
 
 
 if __name__ == "__main__":

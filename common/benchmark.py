@@ -143,7 +143,7 @@ def execute(spec: RunSpec, root: str, threads: int = 1, python: str = sys.execut
     fp = d / "benchmark.json"
     if fp.is_file():
         old = json.loads(fp.read_text()).get("fingerprint")
-        if old != spec.fingerprint():
+        if old != spec.fingerprint() and status == "interrupted":  # a cell that never checkpointed may change
             return RunResult(spec, "failed", -1, 0.0,
                              f"{d} holds a run with other flags (fingerprint {old}); use another output root")
     fp.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": dataclasses.asdict(spec)}, indent=2))
@@ -151,7 +151,8 @@ def execute(spec: RunSpec, root: str, threads: int = 1, python: str = sys.execut
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                PYTHONPATH=pythonpath)
-    cmd = spec.command(root_p, resume=status == "interrupted", python=python)
+    # --resume also for a cell that started but never checkpointed: the run then starts afresh in place
+    cmd = spec.command(root_p, resume=status == "interrupted" or (d / "config.json").is_file(), python=python)
     t0 = time.time()
     with open(d / "log.txt", "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")

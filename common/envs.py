@@ -696,13 +696,40 @@ def make_env(env: str, task: str, **options: Any) -> MultiAgentEnv:
 
 
 def make_env_for(meta: dict[str, Any], episode_limit: int = 0, **options: Any) -> MultiAgentEnv:
-    """The environment a dataset was recorded in: ``meta['env']``/``meta['task']``
-    with the dataset's ``meta['env_options']`` (e.g. the MaMuJoCo ``obs_mode``),
-    overridden by ``options``; ``episode_limit`` > 0 replaces the dataset's limit
-    (an evaluation protocol's), 0 keeps it."""
+    """The environment a dataset was recorded in: ``meta['env']``/``meta['task']`` with the
+    dataset's ``meta['env_options']`` (e.g. the MaMuJoCo ``obs_mode``), overridden by ``options``;
+    ``episode_limit`` > 0 replaces the dataset's limit, 0 keeps it."""
     if episode_limit > 0:
         options["episode_limit"] = episode_limit
     return make_env(meta["env"], meta["task"], **{**meta.get("env_options", {}), **options})
+
+
+# The evaluation protocol of the small games (AlberDICE's configs: Penalty-XOR 100 steps, Bridge 20),
+# whose datasets were recorded with 50-step episodes; every other family evaluates with the limit
+# its data was recorded with.
+EVAL_EPISODE_LIMIT = {"matrix": 100, "bridge": 20}
+
+
+def eval_env_for(meta: dict[str, Any], episode_limit: int = 0) -> MultiAgentEnv:
+    """The environment every algorithm file evaluates a policy trained on a dataset with ``meta``
+    in (``--eval-episode-limit``): ``make_env_for(meta)`` with ``episode_limit`` steps when > 0, else
+    the family's evaluation protocol (``EVAL_EPISODE_LIMIT``: matrix 100, bridge 20), else the
+    dataset's own limit."""
+    return make_env_for(meta, episode_limit if episode_limit > 0 else EVAL_EPISODE_LIMIT.get(meta["env"], 0))
+
+
+def matrix_policy_summary(env: MultiAgentEnv, act_fn: Callable[..., Any]) -> dict[str, Any]:
+    """For a two-player matrix game (stateless, constant observation) and a policy with
+    ``act_fn.probs(obs, avail) -> [E, N, K]``: the joint policy pi_1(a_1) pi_2(a_2) and its exact
+    expected team reward per step, sum_{a_1, a_2} pi_1(a_1) pi_2(a_2) R(a_1, a_2). Empty otherwise."""
+    if env.spec.get("env") != "matrix" or not hasattr(act_fn, "probs") or env.n_agents != 2:
+        return {}
+    obs, _, avail = env.reset(0)
+    p = act_fn.probs(obs[None], avail[None])[0]
+    p = p.detach().cpu().numpy() if hasattr(p, "detach") else np.asarray(p)
+    joint = np.outer(p[0], p[1]).astype(np.float64)
+    return {"joint_policy": joint.round(4).tolist(),
+            "expected_team_reward": float((joint * np.asarray(env.payoff, dtype=np.float64)).sum())}
 
 
 # ================================================================= evaluation
@@ -776,11 +803,17 @@ def evaluate(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, seed
     ``i`` is reset with seed ``seed + i``. With ``workers=True`` each environment
     runs in its own process (for simulators that dominate the cost).
 
-    Returns ``return_mean``, ``return_std``, ``win_rate`` (None when the game has no
+    If it has a ``reseed(seed)`` method (policies that sample actions), that is called
+    first with ``seed``, so an evaluation depends only on the policy and ``seed``.
+
+    Returns ``return_mean``, ``return_std``, ``return_per_step`` (all rewards over all
+    steps), ``win_rate`` (None when the game has no
     winner), ``length_mean``, and the per-episode ``returns``/``lengths``/``won``."""
     if episodes < 1:
         raise ValueError("evaluate needs at least one episode")
     n = max(1, min(int(n_envs), episodes))
+    if hasattr(act_fn, "reseed"):
+        act_fn.reseed(seed)
     envs = _Envs(env, n, workers)
     try:
         returns, lengths, wins = [], [], []
@@ -841,6 +874,7 @@ def evaluate(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, seed
     has_win = any(w is not None for w in wins)
     return dict(
         return_mean=float(ret.mean()), return_std=float(ret.std()),
+        return_per_step=float(ret.sum() / max(1, int(np.sum(lengths)))),
         win_rate=float(np.mean([bool(w) for w in wins])) if has_win else None,
         length_mean=float(np.mean(lengths)), returns=returns, lengths=lengths,
         won=[bool(w) for w in wins] if has_win else None,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.runs import load_checkpoint
 from common import envs
 from common.data import OfflineDataset
 from common.envs import MultiAgentEnv
@@ -179,7 +180,7 @@ def smoke_resume_eval(mod, tmp_path: Path, dataset: Path, env: str, task: str, *
                 eval_episodes=2, final_eval_episodes=2, eval_envs=2, log_every=2, run_dir=str(run_dir),
                 **{**small_networks(mod), **overrides})
     mod.main(mod.Args(total_steps=4, **base))
-    ck = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    ck = load_checkpoint(run_dir, mod.ALGO)
     assert ck["step"] == 4
     summary = mod.main(mod.Args(total_steps=6, resume=True, **base))
     assert summary["steps"] == 6
@@ -204,8 +205,8 @@ def resume_is_exact(mod, tmp_path: Path, dataset: Path, env: str, task: str, **o
     mod.main(mod.Args(total_steps=6, run_dir=str(tmp_path / "a"), **base))
     mod.main(mod.Args(total_steps=3, run_dir=str(tmp_path / "b"), **base))
     mod.main(mod.Args(total_steps=6, run_dir=str(tmp_path / "b"), resume=True, **base))
-    a = torch.load(tmp_path / "a" / "checkpoints" / "latest.pt", weights_only=False)["nets"]
-    b = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=False)["nets"]
+    a = load_checkpoint(tmp_path / "a")["modules"]["nets"]
+    b = load_checkpoint(tmp_path / "b")["modules"]["nets"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.runs import load_checkpoint
 from common import collect
 from common import envs as common_envs
 from test_alberdice import FakeSMAC  # the same SMAC stand-in as the AlberDICE smoke tests
@@ -194,11 +195,11 @@ def test_smoke_train_evaluate_resume(tmp_path, fake_envs, script, name):
     mod.main(args(total_steps=2))
     summary = mod.main(args(resume=True))
     assert np.isfinite(summary["return_mean"]) and summary["updates_per_s"] > 0
-    a = torch.load(tmp_path / "full" / "checkpoints" / "latest.pt", weights_only=False)
-    b = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "full")
+    b = load_checkpoint(tmp_path / "run")
     assert a["step"] == b["step"] == 4
-    for k in a["policy"]:
-        torch.testing.assert_close(a["policy"][k], b["policy"][k], rtol=0, atol=0, msg=k)
+    for k in a["modules"]["policy"]:
+        torch.testing.assert_close(a["modules"]["policy"][k], b["modules"]["policy"][k], rtol=0, atol=0, msg=k)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     entry = metrics[name][f"{task}__random"][script]["seed_0"]
     assert {"step_0", "step_1", "absolute_metrics"} <= set(entry)

@@ -1,6 +1,7 @@
 """common.benchmark: grid expansion, skip/resume, failure reports, aggregation math,
 backends (local pool, submitit's local executor, a local Ray instance)."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from common import benchmark as bm
 from common.runs import Run
@@ -22,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 FAKE_ALGO = textwrap.dedent('''
     import os, sys, time
     from dataclasses import dataclass
+    from types import SimpleNamespace
+    import torch
     import tyro
     from common.runs import Run
 
@@ -31,9 +35,12 @@ FAKE_ALGO = textwrap.dedent('''
         task: str = "hard"
         quality: str = "mix"
         seed: int = 0
+        device: str = "cpu"
+        threads: int = 1
         total_steps: int = 400
         eval_every: int = 100
         resume: bool = False
+        overwrite: bool = False
         run_dir: str = ""
         crash_after: int = -1   # exit(1) after this many evaluations unless resuming
         fail: bool = False
@@ -42,21 +49,24 @@ FAKE_ALGO = textwrap.dedent('''
         if a.fail:
             print("something went wrong on purpose")
             raise SystemExit(3)
-        run = Run(a, "ALGO", resume=a.resume, tensorboard=False)
-        ck = run.load()
-        step = ck["step"] if ck else 0
-        evals = ck["evals"] if ck else 0
-        while step < a.total_steps:
-            step += a.eval_every
-            ret = a.seed + step / 100 + (10 if a.quality == "good" else 0)
+        run = Run(a, "ALGO", tensorboard=False)
+        data = SimpleNamespace(generator=torch.Generator(), meta={"env": a.env, "task": a.task})
+        run.start(data, None, None, dims={}, modules={})
+        if run.finished_summary is not None:
+            return run.finish()
+        evals = run.progress.get("evals", 0)
+        while run.step < a.total_steps:
+            run.step += a.eval_every
+            ret = a.seed + run.step / 100 + (10 if a.quality == "good" else 0)
             res = dict(returns=[ret, ret], won=None, return_mean=ret, return_std=0.0, length_mean=1.0)
-            run.log_eval(step, res)
+            run.log_eval(run.step, res)
             evals += 1
-            run.save({"step": step, "evals": evals})
+            run.progress["evals"] = evals
+            run.checkpoint()
             if a.crash_after >= 0 and evals >= a.crash_after and not a.resume:
                 sys.exit(1)
-        run.log_final(step, res)
-        run.finish({"steps": step})
+        run.log_final(run.step, res)
+        run.finish({"steps": run.step})
 
     if __name__ == "__main__":
         main(tyro.cli(Args))
@@ -128,9 +138,25 @@ def test_flag_change_does_not_reuse_a_directory(tmp_path, algos):
     assert r.status == "failed" and "other flags" in r.log_tail
 
 
+@dataclasses.dataclass
+class _Args:
+    env: str = "bridge"
+    task: str = "hard"
+    quality: str = "mix"
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1
+    total_steps: int = 1
+    resume: bool = False
+    run_dir: str = ""
+
+
 def _write_run(root, algo, seed, finals, curve, quality="mix", win=None):
-    args = SimpleNamespace(env="bridge", task="hard", quality=quality, seed=seed, run_dir=str(root / f"{algo}_{seed}"))
+    """A run directory as the real ``Run`` writes it (config.json, metrics.json), with known numbers."""
+    args = _Args(quality=quality, seed=seed, run_dir=str(root / f"{algo}_{seed}"))
     run = Run(args, algo, tensorboard=False)
+    run.start(SimpleNamespace(generator=torch.Generator(), meta={"env": "bridge", "task": "hard"}), None, None,
+              dims={}, modules={})
     for k, v in enumerate(curve):
         run.log_eval(100 * (k + 1), dict(returns=[v], won=None, return_mean=v, return_std=0.0, length_mean=1.0))
     run.log_final(100 * len(curve), dict(returns=finals, won=win, return_mean=float(np.mean(finals)),
@@ -167,8 +193,9 @@ def test_unfinished_runs_are_left_out_of_the_tables(tmp_path):
     """A run that is still training (or was killed) has intermediate evaluations only: it must
     not enter the table as if its last evaluation were final."""
     _write_run(tmp_path, "a", 0, [5.0], curve=[1.0, 5.0])
-    args = SimpleNamespace(env="bridge", task="hard", quality="mix", seed=1, run_dir=str(tmp_path / "a_1"))
-    run = Run(args, "a", tensorboard=False)
+    run = Run(_Args(seed=1, run_dir=str(tmp_path / "a_1")), "a", tensorboard=False)
+    run.start(SimpleNamespace(generator=torch.Generator(), meta={"env": "bridge", "task": "hard"}), None, None,
+              dims={}, modules={})
     run.log_eval(100, dict(returns=[-50.0], won=None, return_mean=-50.0, return_std=0.0, length_mean=1.0))
     assert [r.seed for r in bm.load_runs(tmp_path)] == [0]
     assert sorted(r.final for r in bm.load_runs(tmp_path, include_unfinished=True)) == [-50.0, 5.0]

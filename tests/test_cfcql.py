@@ -110,7 +110,7 @@ def test_learns_the_optimum_of_a_separable_game(monkeypatch, tmp_path):
                               total_steps=200, batch_size=64, hidden=64, lr=3e-3, gamma=0.5, cql_alpha=1.0,
                               behaviour_steps=100, target_update_interval=20, eval_every=300, eval_episodes=1,
                               final_eval_episodes=1, eval_envs=1, run_dir=str(tmp_path / "run")))
-    assert s["return_mean"] / 50 == pytest.approx(1.5)  # behaviour policy: 0.75 a step
+    assert s["return_per_step"] == pytest.approx(1.5)  # behaviour policy: 0.75 a step
 
 
 def test_smoke_matrix(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import comadice as C
+from common.runs import load_checkpoint
 from common import OfflineMarlError, envs
 from common.data import OfflineDataset
 
@@ -83,18 +84,19 @@ def stand_ins(monkeypatch):
 
 def small(**kw):
     base = dict(total_steps=160, eval_every=80, log_every=40, eval_episodes=2, final_eval_episodes=3, batch_size=32,
-                hidden_dim=32, mixer_hidden=16, eval_envs=2, quality="test")
+                hidden=32, mixer_hidden=16, eval_envs=2, quality="test")
     return C.Args(**(base | kw))
 
 
 def check_run(run_dir: Path, steps: int, win_rate: bool = False):
     assert (run_dir / "config.json").is_file() and list(run_dir.glob("events.out.tfevents.*"))
-    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    ckpt = load_checkpoint(run_dir, "comadice")
     assert ckpt["step"] == steps
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (entry,) = [t for t in metrics[ckpt["args"]["env"]].values()]
     seed = entry["comadice"]["seed_0"]
-    assert "step_0" in seed and seed["absolute_metrics"]["step_count"] == steps
+    assert "step_0" in seed and seed[max((k for k in seed if k.startswith("step_")), key=lambda k: int(k[5:]))][
+        "step_count"] == steps  # the last update is evaluated too
     assert ("win_rate" in seed["absolute_metrics"]) == win_rate
     done = json.loads((run_dir / "done.json").read_text())
     assert done["steps"] == steps and done["updates_per_s"] > 0
@@ -138,14 +140,14 @@ def test_resume_continues_bit_identically_and_eval_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env = envs.make_env("matrix", "penalty_xor", episode_limit=20)
     path = rollout_dataset(env, episodes=8).save(tmp_path / "data")
-    kw = dict(env="matrix", task="penalty_xor", dataset=str(path), eval_every=40, eval_episodes=0, hidden_dim=16)
+    kw = dict(env="matrix", task="penalty_xor", dataset=str(path), eval_every=40, eval_episodes=0, hidden=16)
     C.main(small(total_steps=80, run_dir=str(tmp_path / "straight"), **kw))
     C.main(small(total_steps=40, **kw))  # runs/matrix__penalty_xor__test__comadice__0__<time>
     (first,) = list((tmp_path / "runs").iterdir())
     summary = C.main(small(total_steps=80, resume=True, **kw))
     assert list((tmp_path / "runs").iterdir()) == [first] and summary["steps"] == 80
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "latest.pt", weights_only=False)["model"]
-    b = torch.load(first / "checkpoints" / "latest.pt", weights_only=False)["model"]
+    a = load_checkpoint(tmp_path / "straight")["modules"]["model"]
+    b = load_checkpoint(first)["modules"]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "evaluation" in summary  # trained without an environment
 

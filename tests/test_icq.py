@@ -134,7 +134,7 @@ def test_learns_the_optimum_of_a_separable_game(monkeypatch, tmp_path):
                           total_steps=150, batch_size=8, hidden=32, rnn_hidden=16, lr_actor=1e-2, lr_critic=5e-3,
                           gamma=0.5, target_update_interval=20, alpha_actor=0.05, eval_every=150, eval_episodes=1,
                           final_eval_episodes=1, eval_envs=1, run_dir=str(tmp_path / "run")))
-    assert s["return_mean"] / 5 == pytest.approx(1.5)
+    assert s["return_per_step"] == pytest.approx(1.5)
 
 
 def test_continuous_actions_learn_the_best_action_of_a_one_step_game(monkeypatch, tmp_path):

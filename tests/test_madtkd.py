@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _baselines2_common import (SMOKE_FAMILIES, continuous_bandit, load_script, one_thread, smoke_family)
+from common.runs import load_checkpoint
 from common.collect import bridge_optimal_dataset
 from common.data import OfflineDataset
 
@@ -104,12 +105,12 @@ def test_student_matches_its_teacher_after_distillation_on_a_tiny_dataset(tmp_pa
                        n_heads=2, dropout=0.0, lr=3e-3, warmup_steps=10, bc_coef=0.0, eval_every=300,
                        eval_episodes=1, final_eval_episodes=1, eval_envs=1, run_dir=str(tmp_path / "run"))
     madtkd.main(args)
-    ck = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)
-    nets = madtkd.build_networks(args, ck["meta"])
-    nets.load_state_dict(ck["nets"])
+    ck = load_checkpoint(tmp_path / "run", "madtkd")
+    nets = madtkd.build_networks(args, ck["dims"])
+    nets.load_state_dict(ck["modules"]["nets"])
     nets.eval()
     ds = OfflineDataset.load(tmp_path / "data").seed(1)
-    rtg_all = torch.as_tensor(ds.returns_to_go() / ck["meta"]["rtg_scale"])
+    rtg_all = torch.as_tensor(ds.returns_to_go() / ck["dims"]["rtg_scale"])
     es = ds.episode_start
     t_all = torch.as_tensor(np.arange(ds.n_rows) - np.repeat(es[:-1], np.diff(es)))
     b = ds.sample_sequences(256, 5)

@@ -99,7 +99,7 @@ def test_discrete_variant_learns_the_optimum_of_a_separable_game(monkeypatch, tm
     s = omar.main(omar.Args(env="matrix", task="separable", quality="test", dataset=str(data), device="cpu",
                             total_steps=200, batch_size=64, hidden=32, lr=3e-3, gamma=0.5, eval_every=200,
                             eval_episodes=1, final_eval_episodes=1, eval_envs=1, run_dir=str(tmp_path / "run")))
-    assert s["return_mean"] / 5 == pytest.approx(1.5)
+    assert s["return_per_step"] == pytest.approx(1.5)
 
 
 def test_continuous_actions_learn_the_best_action_of_a_one_step_game(monkeypatch, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import omcda
+from common.runs import load_checkpoint
 from common import envs
 from common.data import OfflineDataset
 
@@ -482,7 +483,7 @@ def matrix_data(tmp_path_factory):
 def test_smoke_matrix_with_ablation_switches(tmp_path, matrix_data, flags):
     args = tiny_args(tmp_path, "run", matrix_data, env="matrix", task="penalty_xor", **flags)
     out = omcda.main(args)
-    assert math.isfinite(out["final_return_mean"]) and out["steps"] == 20
+    assert math.isfinite(out["return_mean"]) and out["steps"] == 20
     assert sum(out["d"]) == pytest.approx(0.4, rel=1e-5) and all(x > 0 for x in out["d"])
     if flags.get("no_allocation"):
         assert out["d"] == pytest.approx([0.2, 0.2])
@@ -505,7 +506,7 @@ def test_smoke_smac_stand_in_with_masks(tmp_path, monkeypatch):
     args = tiny_args(tmp_path, "run", path, env="smacv1", task="standin", quality="good")
     out = omcda.main(args)
     assert out["d_tot"] == pytest.approx(3 * 0.1)  # Table 5: good -> d_i = 0.1
-    assert out["final_win_rate"] is not None
+    assert out["win_rate"] is not None
     act_fn = omcda.load_policy(args.run_dir)
     env = StandInSMAC()
     obs, state, avail = env.reset(0)
@@ -521,7 +522,7 @@ def test_smoke_continuous_stand_in_and_ablations(tmp_path, monkeypatch):
     for flags in ({}, {"no_decomposition": True}, {"random_allocation": True}):
         args = tiny_args(tmp_path, f"run{len(flags)}{list(flags)}", path, env="toycont", task="t", quality="expert", **flags)
         out = omcda.main(args)
-        assert math.isfinite(out["final_return_mean"]) and out["d_tot"] == pytest.approx(2 * 0.05)
+        assert math.isfinite(out["return_mean"]) and out["d_tot"] == pytest.approx(2 * 0.05)
         assert all(math.isfinite(x) for x in out["alpha"])
     act = omcda.load_policy(args.run_dir)(np.zeros((3, 2, 4), np.float32), np.zeros((3, 5), np.float32),
                                          np.ones((3, 2, 1), bool))
@@ -543,7 +544,7 @@ def test_smoke_real_bridge_and_mamujoco(tmp_path, env_name, task, discrete):
     env.close()
     out = omcda.main(tiny_args(tmp_path, "run", path, env=env_name, task=task, total_steps=10, eval_every=10,
                                final_eval_episodes=1, eval_episodes=1))
-    assert math.isfinite(out["final_return_mean"])
+    assert math.isfinite(out["return_mean"])
 
 
 def test_save_resume_matches_uninterrupted_run_and_eval_only(tmp_path, matrix_data, capsys):
@@ -555,10 +556,10 @@ def test_save_resume_matches_uninterrupted_run_and_eval_only(tmp_path, matrix_da
     resumed = tiny_args(tmp_path, "part", matrix_data, resume=True, **kw)
     out = omcda.main(resumed)
     assert out["steps"] == 30
-    a = torch.load(Path(straight.run_dir) / "checkpoints" / "latest.pt", weights_only=False)
-    b = torch.load(Path(part.run_dir) / "checkpoints" / "latest.pt", weights_only=False)
+    a = load_checkpoint(Path(straight.run_dir))
+    b = load_checkpoint(Path(part.run_dir))
     assert a["step"] == b["step"] == 30
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["modules"]["model"].items():
+        assert torch.equal(v, b["modules"]["model"][k]), k
     res = omcda.main(omcda.Args(eval_only=True, checkpoint=part.run_dir, final_eval_episodes=3, device="cpu"))
-    assert len(res["returns"]) == 3 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 30
+    assert res["episodes"] == 3 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 30
