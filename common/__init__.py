@@ -17,6 +17,11 @@ class OfflineMarlError(Exception):
     scripts print it without a traceback."""
 
 
+class DivergenceError(OfflineMarlError):
+    """A loss, a parameter or a sampling weight became NaN or infinite: the run stops without a
+    result (the last good checkpoint is kept)."""
+
+
 @contextlib.contextmanager
 def friendly_errors():
     """Turn an ``OfflineMarlError`` into one line on stderr and exit status 2.

@@ -352,7 +352,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     sac = SAC(obs_dim, act_dim, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # every other draw of training
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = _load_safely(ckpt_path, "a behaviour-training checkpoint")
         saved = {k: v for k, v in ck["config"].items() if k not in ("stop_after", "save_every_s", "run_dir", "total_steps")}
         now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
         if saved != now:
@@ -447,12 +447,25 @@ def shipped_path(task: str, level: str) -> Path:
     return path
 
 
+def _load_safely(path: Path, what: str) -> Any:
+    """``torch.load`` with weights only (tensors and plain values; a crafted file runs no code)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise BehaviourError(f"{path} is not {what}: it holds Python objects that a safe (weights-only) load "
+                             "refuses, and this project never unpickles them") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise BehaviourError(f"cannot read {path} as {what}: {type(e).__name__}: {str(e)[:160]}") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a behaviour checkpoint (tensors and plain values only, no pickled code)."""
     path = Path(path)
     if not path.exists():
         raise BehaviourError(f"no behaviour checkpoint at {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = _load_safely(path, "a behaviour checkpoint")
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
         raise BehaviourError(f"{path} is not a behaviour checkpoint ({CKPT_FORMAT})")
     return ck

@@ -153,6 +153,8 @@ def execute(spec: RunSpec, root: str, threads: int = 1, python: str = sys.execut
                PYTHONPATH=pythonpath)
     # --resume also for a cell that started but never checkpointed: the run then starts afresh in place
     cmd = spec.command(root_p, resume=status == "interrupted" or (d / "config.json").is_file(), python=python)
+    if "--threads" not in spec.args:  # the contract's --threads; the environment variables cover the rest
+        cmd[2:2] = ["--threads", str(threads)]
     t0 = time.time()
     with open(d / "log.txt", "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
@@ -613,7 +615,32 @@ def load_definition(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise BenchmarkError(f"{path} is not valid TOML: {e}") from None
     d.setdefault("name", path.stem)
+    _check_definition(d, path)
     return d
+
+
+_DEFINITION_TYPES = {"name": str, "header": str, "env": str, "tasks": list, "qualities": list, "seeds": list, "extra": str,
+                     "table": str, "plots": str, "algos": dict, "workers": int, "threads": int}
+
+
+def _check_definition(d: dict[str, Any], path: Path) -> None:
+    """One sentence for the first wrongly typed entry of a benchmark definition (a string where a
+    list belongs would otherwise expand letter by letter)."""
+    names = {str: "a string", list: "a list", dict: "a table ([algos] with one line per file)", int: "an integer"}
+    for key, typ in _DEFINITION_TYPES.items():
+        if key in d and (not isinstance(d[key], typ) or isinstance(d[key], bool)):
+            raise BenchmarkError(f"{path}: {key} must be {names[typ]}, got {d[key]!r}")
+    unknown = sorted(set(d) - set(_DEFINITION_TYPES))
+    if unknown:
+        raise BenchmarkError(f"{path}: unknown entries {unknown}; known: {', '.join(_DEFINITION_TYPES)}")
+    for key in ("tasks", "qualities"):
+        if any(not isinstance(x, str) for x in d.get(key, [])):
+            raise BenchmarkError(f"{path}: {key} must be a list of strings, got {d[key]!r}")
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in d.get("seeds", [])):
+        raise BenchmarkError(f"{path}: seeds must be a list of non-negative integers, got {d['seeds']!r}")
+    for file, flags in d.get("algos", {}).items():
+        if not isinstance(flags, (str, list)) or (isinstance(flags, list) and any(not isinstance(x, str) for x in flags)):
+            raise BenchmarkError(f"{path}: the flags of {file} must be a string (or a list of strings), got {flags!r}")
 
 
 def specs_from_args(a: RunArgs) -> tuple[list[RunSpec], dict[str, Any]]:

@@ -46,7 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common import OfflineMarlError, friendly_errors
-from common.data import DatasetError, OfflineDataset
+from common.data import DatasetError, OfflineDataset, check_destination
 from common.envs import BRIDGE_GOALS, BRIDGE_MOVES, MultiAgentEnv, make_env
 
 
@@ -417,7 +417,8 @@ def recipe_names(env: str | None = None, task: str | None = None) -> list[str]:
     return [f"{e}/{t}/{q}" for e, t, q in RECIPES if env in (None, e) and task in (None, t)]
 
 
-def generate(env: str, task: str, quality: str, out: Path, seed: int = 0, command: str | None = None) -> Path:
+def generate(env: str, task: str, quality: str, out: Path, seed: int = 0, command: str | None = None,
+             overwrite: bool = False) -> Path:
     """Make the dataset (env, task, quality) from its recipe and save it at ``out``
     (native format). ``command`` is recorded as the provenance; by default the
     equivalent ``python -m common.collect recipe ...`` line."""
@@ -433,7 +434,7 @@ def generate(env: str, task: str, quality: str, out: Path, seed: int = 0, comman
     ds.meta.update(quality=quality, source="generated",
                    provenance={**ds.meta.get("provenance", {}), "command": command, "seed": int(seed),
                                "recipe": recipe.about})
-    return ds.save(out)
+    return ds.save(out, overwrite=overwrite)
 
 
 # ========================================================== random and policy
@@ -525,7 +526,9 @@ class RecipeCmd:
     quality: str
     """dataset name, e.g. optimal, mix, a, b, c, d, random"""
     out: Path
-    """output directory (native format)"""
+    """output directory (native format); refused if it holds anything but a dataset of this project"""
+    overwrite: bool = False
+    """replace the dataset already at --out (only a dataset of this project is ever replaced)"""
     seed: int = 0
     """random seed: the same seed gives the same arrays"""
 
@@ -539,7 +542,9 @@ class RandomCmd:
     task: str
     """task name"""
     out: Path
-    """output directory (native format)"""
+    """output directory (native format); refused if it holds anything but a dataset of this project"""
+    overwrite: bool = False
+    """replace the dataset already at --out (only a dataset of this project is ever replaced)"""
     episodes: int = 100
     """number of episodes"""
     seed: int = 0
@@ -563,7 +568,9 @@ class PolicyCmd:
     checkpoint: Path
     """an algorithm checkpoint (with --algo) or a common.behaviour checkpoint"""
     out: Path
-    """output directory (native format)"""
+    """output directory (native format); refused if it holds anything but a dataset of this project"""
+    overwrite: bool = False
+    """replace the dataset already at --out (only a dataset of this project is ever replaced)"""
     algo: Path | None = None
     """the algorithm's .py file whose load_policy(checkpoint, device) builds the policy; omit for behaviour checkpoints"""
     episodes: int = 100
@@ -593,20 +600,22 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         {"recipe": RecipeCmd, "random": RandomCmd, "policy": PolicyCmd, "list": ListCmd},
         prog="python -m common.collect", description=__doc__.split("\n\n")[0], args=argv)
     command = "python -m common.collect " + shlex.join(argv)
+    if not isinstance(cmd, ListCmd):  # refuse a bad --out before any work
+        check_destination(cmd.out, cmd.overwrite)
     if isinstance(cmd, ListCmd):
         for (e, t, q), r in RECIPES.items():
             print(f"{e:10s} {t:16s} {q:14s} {r.about}")
         return None
     if isinstance(cmd, RecipeCmd):
-        path = generate(cmd.env, cmd.task, cmd.quality, cmd.out, cmd.seed, command=command)
+        path = generate(cmd.env, cmd.task, cmd.quality, cmd.out, cmd.seed, command=command, overwrite=cmd.overwrite)
     elif isinstance(cmd, RandomCmd):
         ds = random_dataset(cmd.env, cmd.task, cmd.episodes, cmd.seed, parse_env_options(cmd.env_options),
                             cmd.n_envs, cmd.quality, command)
-        path = ds.save(cmd.out)
+        path = ds.save(cmd.out, overwrite=cmd.overwrite)
     else:
         ds = policy_dataset(cmd.env, cmd.task, cmd.checkpoint, cmd.episodes, cmd.algo, cmd.noise, cmd.seed,
                             cmd.device, parse_env_options(cmd.env_options), cmd.n_envs, cmd.quality, command)
-        path = ds.save(cmd.out)
+        path = ds.save(cmd.out, overwrite=cmd.overwrite)
     summary = OfflineDataset.load(path).summary()
     print(f"wrote {path}: {summary['episodes']} episodes, {summary['transitions']} transitions, "
           f"return {summary['return_mean']:.4f} +- {summary['return_std']:.4f}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from common import OfflineMarlError
+from common import DivergenceError, OfflineMarlError
 
 FORMAT_VERSION = 1
 ARRAY_FIELDS = ("obs", "state", "actions", "avail", "reward", "terminal", "timeout", "last", "episode_start")
@@ -49,9 +48,58 @@ class DatasetError(OfflineMarlError):
     """A dataset is missing, corrupt, or does not fit what it is used with."""
 
 
+class DatasetExists(DatasetError):
+    """A dataset is already where another was to be written."""
+
+
+DATASET_FILES = frozenset([f"{k}.npy" for k in ARRAY_FIELDS] + ["meta.json"])
+
+
+def is_native_dataset(path: Path) -> bool:
+    """Whether folder ``path`` holds exactly a native dataset written by this project."""
+    try:
+        names = {p.name for p in path.iterdir()}
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and names <= DATASET_FILES
+
+
+def check_destination(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to write a dataset at ``path`` unless it is new, an empty folder, or (with
+    ``overwrite``) a dataset this project wrote; returns the path."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DatasetError(f"{path} is a file; choose a folder for the dataset")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_native_dataset(path):
+            raise DatasetError(f"{path} holds files that are not an offline-marl dataset; choose an empty or "
+                               "new folder (nothing there is touched)")
+        if not overwrite:
+            raise DatasetExists(f"{path} already holds a dataset; pass --overwrite to replace it")
+    return path
+
+
+def _remove_dataset_dir(path: Path) -> None:
+    """Delete a dataset folder this project wrote: only its known files, then the folder (which is
+    left in place if anything else is in it)."""
+    if not path.is_dir():
+        return
+    for name in DATASET_FILES:
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 def data_dir() -> Path:
     """Root of the dataset cache: ``$OFFLINE_MARL_DATA`` or ``~/.cache/offline-marl``."""
-    return Path(os.environ.get("OFFLINE_MARL_DATA", Path.home() / ".cache" / "offline-marl")).expanduser()
+    root = Path(os.environ.get("OFFLINE_MARL_DATA", Path.home() / ".cache" / "offline-marl")).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"the dataset cache {root} ($OFFLINE_MARL_DATA) is a file; point OFFLINE_MARL_DATA "
+                           "at a folder")
+    return root
 
 
 def _available_ram() -> int:
@@ -300,20 +348,37 @@ class OfflineDataset:
         return OfflineDataset(arrays, dict(self.meta, reward=note), validate=False)
 
     # ------------------------------------------------------------ disk format
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the native format (one ``.npy`` per field + ``meta.json``) atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for k in ARRAY_FIELDS:
-            np.save(tmp / f"{k}.npy", np.asarray(self.arrays[k]))
-        meta = _complete_meta(self.meta, self.arrays)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the native format (one ``.npy`` per field + ``meta.json``) atomically: into a new
+        folder beside ``path``, then renamed into place. An existing dataset at ``path`` is replaced
+        only with ``overwrite``; a folder holding anything else is never touched."""
+        path = check_destination(path, overwrite)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            _remove_dataset_dir(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            raise DatasetError(f"cannot write a dataset at {path}: {e.strerror or e}") from None
+        try:
+            for k in ARRAY_FIELDS:
+                np.save(tmp / f"{k}.npy", np.asarray(self.arrays[k]))
+            meta = _complete_meta(self.meta, self.arrays)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
+            old = None
+            if path.is_dir() and any(path.iterdir()):  # our own dataset, and overwrite was asked for
+                old = path.with_name(f".{path.name}.old{os.getpid()}")
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old is not None:
+                    os.replace(old, path)
+                raise DatasetExists(f"{path} was written by another process meanwhile; nothing was replaced") from None
+            if old is not None:
+                _remove_dataset_dir(old)
+        finally:
+            _remove_dataset_dir(tmp)
         return path
 
     @classmethod
@@ -329,7 +394,12 @@ class OfflineDataset:
             meta = json.loads((path / "meta.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{path / 'meta.json'} is not valid JSON ({e})") from None
-        if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{path / 'meta.json'} must hold a JSON object, got {type(meta).__name__}")
+        version = meta.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise DatasetError(f"{path / 'meta.json'}: format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise DatasetError(f"{path} has format version {meta['format_version']}; this code reads up to {FORMAT_VERSION}")
         arrays = {}
         for k in ARRAY_FIELDS:
@@ -575,7 +645,11 @@ class OfflineDataset:
         else:
             if weights.shape != trans.shape:
                 raise ValueError(f"weights must have shape {tuple(trans.shape)}, got {tuple(weights.shape)}")
-            pick = torch.multinomial(weights, batch_size, replacement=True, generator=self.generator)
+            try:
+                pick = torch.multinomial(weights, batch_size, replacement=True, generator=self.generator)
+            except RuntimeError as e:  # NaN, infinite, negative or all-zero weights
+                raise DivergenceError(f"the run diverged: its sampling weights became invalid ({str(e)[:80]}); "
+                                      "no result is reported") from None
         return self.transitions(trans[pick])
 
     def initial_rows(self) -> torch.Tensor:

@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import tyro
 
-from common.data import ARRAY_FIELDS, DatasetError, OfflineDataset, _complete_meta, _json_default, data_dir
+from common.data import (ARRAY_FIELDS, DatasetError, OfflineDataset, _complete_meta, _json_default,
+                         _remove_dataset_dir, data_dir, is_native_dataset)
 
 FORMATS = ("native", "vault", "omiga", "pymarl", "madt", "comadice")
 CONVERTER_VERSION = 1  # bump when the output of a reader changes: cached conversions are then redone
@@ -691,12 +693,10 @@ def _torch_load(f: Path, unsafe_pickle: bool) -> Any:
         try:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
                 return torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Unsupported global" in str(e):
-                raise DatasetError(f"{f} holds Python objects a safe load refuses; if you trust the file, "
-                                   "convert with unsafe_pickle=True (python -m common.formats PATH --unsafe-pickle)"
-                                   ) from None
-            raise
+        except pickle.UnpicklingError:
+            raise DatasetError(f"{f} holds Python objects that a safe (weights-only) load refuses, and this "
+                               "project does not unpickle them by default; only if you trust the file, convert "
+                               f"it with: python -m common.formats {f.parent} --unsafe-pickle") from None
 
 
 def _madt_episode(ep: Any, f: Path) -> dict[str, np.ndarray] | None:
@@ -992,6 +992,23 @@ def convert(path: str | os.PathLike, out: str | os.PathLike | None = None, **opt
         return _convert_locked(path, fmt, out, key, options)
 
 
+def _remove_stale_tmp(out: Path) -> None:
+    """Temporary folders ``<out>.tmp<PID>`` left by conversions that were killed (their process is
+    gone): only the dataset files this module writes are removed, then the empty folder."""
+    for tmp in out.parent.glob(f"{out.name}.tmp*") if out.parent.is_dir() else []:
+        pid = tmp.name[len(out.name) + 4:]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        _remove_dataset_dir(tmp)
+
+
 def _convert_locked(path: Path, fmt: str, out: Path, key: str, options: dict[str, Any]) -> Path:
     if (out / "meta.json").is_file():
         try:
@@ -1000,8 +1017,10 @@ def _convert_locked(path: Path, fmt: str, out: Path, key: str, options: dict[str
                 return out
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DatasetError(f"{out} exists and is not a native dataset; choose another output folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_native_dataset(out))):
+        raise DatasetError(f"{out} exists and is not a dataset of this project; choose another output folder "
+                           "(nothing there is touched)")
+    _remove_stale_tmp(out)
 
     reader_opts = {k: options[k] for k in _READER_OPTIONS[fmt] if k in options}
     time_limit = options.get("time_limit")
@@ -1053,10 +1072,10 @@ def _convert_locked(path: Path, fmt: str, out: Path, key: str, options: dict[str
         writer.finish(meta)
         OfflineDataset.load(tmp, validate=False).validate(check_values=False)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the temporary folder this call made
         raise
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists():  # an older conversion (our own dataset, checked above): only its files are removed
+        _remove_dataset_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
@@ -1069,7 +1088,7 @@ def _convert_locked(path: Path, fmt: str, out: Path, key: str, options: dict[str
 class ConvertArgs:
     """Convert a public dataset into the native format (once) and print where it is."""
 
-    path: str
+    path: tyro.conf.Positional[str]
     """the dataset: a file or a folder in any format of docs/datasets.md"""
     out: str | None = None
     """output folder (default: a hashed folder under the data cache)"""
@@ -1119,8 +1138,6 @@ def main(args: ConvertArgs) -> None:
 
 
 if __name__ == "__main__":
-    import tyro
-
     from common import friendly_errors
 
     with friendly_errors():

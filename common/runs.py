@@ -42,20 +42,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common import OfflineMarlError
+from common import DivergenceError, OfflineMarlError
 
 CHECKPOINT_SCHEMA = "offline-marl-checkpoint/1"
 # Arguments that may differ when a run is resumed: where and how it runs, not what it learns.
 OPERATIONAL_ARGS = frozenset({"resume", "overwrite", "run_dir", "eval_only", "checkpoint", "device", "threads",
-                              "total_steps", "log_every", "eval_envs", "final_eval_episodes"})
+                              "total_steps", "log_every", "final_eval_episodes"})
 # The files a run directory may hold (the benchmark runner adds the last two before the run starts):
 # anything else makes the folder someone else's.
 RUN_FILES = ("config.json", "metrics.json", "done.json", "benchmark.json", "log.txt")
 KILL_AFTER_ENV = "OFFLINE_MARL_KILL_AFTER_CHECKPOINT"  # tests: exit right after the checkpoint at this step
-
-
-class DivergenceError(OfflineMarlError):
-    """A loss or a parameter became NaN or infinite: the run stops without a result."""
 
 
 def eval_seed(seed: int) -> int:
@@ -356,8 +352,20 @@ class Run:
         from common.envs import eval_env_for, make_env
 
         a, problems, dataset, env = self.args, [], None, None
+        name = {"env": a.env, "task": a.task}
+        if a.dataset:  # a native --dataset names its env and task: the file defaults give way to them
+            from common.data import OfflineDataset, is_native_dataset
+
+            path, default = Path(a.dataset).expanduser(), type(a)()
+            if path.is_dir() and (path / "meta.json").is_file() and is_native_dataset(path):
+                try:
+                    meta = OfflineDataset.load(path, validate=False).meta
+                    name.update({k: str(meta[k]) for k in name if getattr(a, k) == getattr(default, k)
+                                 and meta.get(k) not in (None, "", "unknown")})
+                except OfflineMarlError:
+                    pass  # catalog.load reports it
         try:
-            dataset = catalog.load(a.env, a.task, a.quality, a.dataset or None)
+            dataset = catalog.load(name["env"], name["task"], a.quality, a.dataset or None)
         except OfflineMarlError as e:
             problems.append(str(e))
         if dataset is not None and check is not None:
@@ -368,7 +376,7 @@ class Run:
         if a.eval_episodes > 0:
             try:
                 env = (eval_env_for(dataset.meta, a.eval_episode_limit) if dataset is not None
-                       else make_env(a.env, a.task))
+                       else make_env(name["env"], name["task"]))
             except OfflineMarlError as e:
                 problems.append(f"{e} -- the environment is only needed for evaluation: train without it with "
                                 "--eval-episodes 0, then evaluate the saved checkpoint where the environment is "
@@ -399,8 +407,9 @@ class Run:
         for p in d.iterdir():
             if p.name in RUN_FILES or p.name.startswith("events.out.tfevents.") or p.name.endswith(".tmp"):
                 continue
-            if p.name == "checkpoints" and p.is_dir() and all(
-                    c.name.startswith("latest.pt") or c.name.endswith(".pt") for c in p.iterdir()):
+            if p.name == "checkpoints" and p.is_dir():
+                inner = [c for c in p.iterdir() if not (c.is_file() and c.name.startswith("latest.pt"))]
+                foreign += [f"checkpoints/{c.name}" for c in inner]
                 continue
             foreign.append(p.name)
         config = d / "config.json"
@@ -754,6 +763,8 @@ class Run:
         _atomic_write_text(self.metrics_path, json.dumps(self.metrics, indent=1) + "\n")
 
     def close(self) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -763,8 +774,8 @@ class Run:
 def eval_only(args: Any, algo: str, load_policy: Callable[..., Any],
               extra: Callable[[Any, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
     """``--eval-only --checkpoint PATH``: evaluate a saved policy on the environment its dataset was
-    recorded in, with the run's protocol (its ``--eval-sample``, ``--eval-episode-limit`` and seed;
-    a value given here that differs from the file's default overrides it), ``--final-eval-episodes``
+    recorded in, with the run's protocol (its ``--eval-sample``, ``--eval-episode-limit``, ``--eval-envs``
+    and seed; a value given here that differs from the file's default overrides it), ``--final-eval-episodes``
     episodes from ``eval_seed(seed)``: the final evaluation's episodes. Prints one JSON line. A run
     directory trained with ``--eval-episodes 0`` gets the result as its absolute_metrics.
     ``extra(env, act_fn) -> dict`` adds a file's own numbers."""
@@ -778,11 +789,12 @@ def eval_only(args: Any, algo: str, load_policy: Callable[..., Any],
     saved, default = ck["args"], type(args)()
     sample = args.eval_sample if args.eval_sample != default.eval_sample else bool(saved.get("eval_sample", False))
     limit = args.eval_episode_limit or int(saved.get("eval_episode_limit", 0) or 0)
+    n_envs = args.eval_envs if args.eval_envs != default.eval_envs else int(saved.get("eval_envs", args.eval_envs))
     act_fn = load_policy(args.checkpoint, str(device), sample=sample)
     env = eval_env_for(ck["meta"], limit)
     seed = int(saved.get("seed", 0))
     res = evaluate(env, act_fn, args.final_eval_episodes, seed=eval_seed(seed),
-                   n_envs=min(args.eval_envs, args.final_eval_episodes))
+                   n_envs=min(n_envs, args.final_eval_episodes))
     out = {"algo": algo, "checkpoint": str(args.checkpoint), "step": int(ck["step"]),
            "episodes": args.final_eval_episodes, "eval_sample": sample, "episode_limit": env.episode_limit,
            **{k: res[k] for k in ("return_mean", "return_std", "return_per_step", "win_rate", "length_mean")}}

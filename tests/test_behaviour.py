@@ -93,11 +93,11 @@ def test_training_resumes_exactly(tmp_path):
               snapshot_every=200, snapshot_episodes=1)
     a = bh.train(bh.TrainConfig(run_dir=str(tmp_path / "a"), **kw), progress=False)
     b = bh.train(bh.TrainConfig(run_dir=str(tmp_path / "b"), stop_after=250, **kw), progress=False)
-    mid = torch.load(b / "checkpoint.pt", weights_only=False)
+    mid = torch.load(b / "checkpoint.pt", weights_only=True)
     assert 250 <= mid["step"] < 500  # stopped at the first episode end after step 250
     b = bh.train(bh.TrainConfig(run_dir=str(tmp_path / "b"), **kw), progress=False)  # resumes
-    A = torch.load(a / "checkpoint.pt", weights_only=False)
-    B = torch.load(b / "checkpoint.pt", weights_only=False)
+    A = torch.load(a / "checkpoint.pt", weights_only=True)
+    B = torch.load(b / "checkpoint.pt", weights_only=True)
     assert A["step"] == B["step"] == 500 and A["episodes"] == B["episodes"]
     for part in ("actor", "q", "q_target"):
         for k, v in A["sac"][part].items():

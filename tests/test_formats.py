@@ -173,8 +173,30 @@ def test_madt_refuses_arbitrary_objects_unless_trusted(tmp_path):
     files = madt_episodes(eps)
     files[0][0][0] = Opaque(files[0][0][0])
     path = formats.write_madt(tmp_path / "madt", files)
-    one_line_error(formats.convert, path, match="unsafe_pickle=True")
+    one_line_error(formats.convert, path, match="--unsafe-pickle")
     assert load(path, unsafe_pickle=True).n_episodes == 2
+
+
+def test_madt_code_running_pickle_is_refused_and_the_cli_takes_a_positional_path(tmp_path):
+    """A MADT file whose pickle would run a command: refused in one line that names the trusted-file
+    flag (not torch's advice to set weights_only=False), and nothing runs."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    files = madt_episodes(make_episodes(E=2, seed=3))
+    files[0][0][0] = Evil()
+    path = formats.write_madt(tmp_path / "madt", files)
+    proc = subprocess.run([sys.executable, "-m", "common.formats", str(path)], capture_output=True, text=True,
+                          cwd=str(formats.Path(__file__).resolve().parents[1]), timeout=120)
+    assert proc.returncode == 2 and not marker.exists()
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--unsafe-pickle" in line and "weights_only" not in line
 
 
 # --------------------------------------------------------------------------------- ComaDICE

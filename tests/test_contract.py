@@ -1,0 +1,294 @@
+"""The algorithm-file contract (docs/architecture.md), checked on all twelve files at once: the
+shared Args block, training with and without evaluation, the checkpoint schema, --eval-only's
+one JSON line, refusals (another file's checkpoint, a crafted pickle, a reused or foreign
+--run-dir, impossible arguments), the divergence guard, and a kill-after-checkpoint resume that
+ends bit-identical to an uninterrupted run, sampled evaluation included."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common import OfflineMarlError, collect
+from common import runs as common_runs
+from common.data import OfflineDataset
+from common.runs import CHECKPOINT_SCHEMA, KILL_AFTER_ENV, DivergenceError, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ["comadice.py", "alberdice.py", "omcda.py"] + [f"baselines/{n}.py" for n in
+                                                       ("bc", "optidice", "omiga", "bcq", "cql", "cfcql", "icq",
+                                                        "omar", "madtkd")]
+SHARED = ["env", "task", "quality", "dataset", "seed", "device", "threads", "total_steps", "batch_size", "eval_every",
+          "eval_episodes", "final_eval_episodes", "eval_sample", "eval_episode_limit", "eval_envs", "log_every",
+          "resume", "overwrite", "run_dir", "eval_only", "checkpoint"]
+# small networks and short pre-training phases, so that a run takes a fraction of a second
+SMALL = {"comadice": dict(hidden=16, mixer_hidden=8), "alberdice": dict(hidden=16, pretrain_steps=3),
+         "omcda": dict(hidden=16, mix_hidden=8, bc_steps=3), "bc": dict(hidden=16), "optidice": dict(hidden=16),
+         "omiga": dict(hidden=16, mixer_hidden=8), "bcq": dict(hidden=16, mixer_hidden=8),
+         "cql": dict(hidden=16, mixer_hidden=8), "cfcql": dict(hidden=16, behaviour_steps=3),
+         "icq": dict(hidden=16, rnn_hidden=8, mixer_hidden=8), "omar": dict(hidden=16),
+         "madtkd": dict(context_len=4, embed_dim=16, n_layers=1, warmup_steps=2)}
+GREEDY_ONLY = {"bcq", "cql", "cfcql"}  # Q-greedy policies on discrete actions: --eval-sample is refused
+
+
+def load(file: str):
+    name = "contract_" + Path(file).stem
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def algo_of(file: str) -> str:
+    return Path(file).stem
+
+
+@pytest.fixture(scope="module")
+def bridge_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("contract") / "bridge"
+    collect.random_dataset("bridge", "hard", 6, env_options={"episode_limit": 8}, n_envs=2).save(path)
+    return path
+
+
+def make_args(mod, data: Path, run_dir: Path, **kw):
+    base = dict(env="bridge", task="hard", quality="random", dataset=str(data), device="cpu", threads=1,
+                total_steps=6, batch_size=8, eval_every=3, eval_episodes=2, final_eval_episodes=3, eval_envs=2,
+                eval_episode_limit=6, log_every=2, run_dir=str(run_dir))
+    return mod.Args(**{**base, **SMALL[algo_of(mod.__file__)], **kw})
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(monkeypatch, step: int) -> None:
+    """The run 'is killed' right after writing its checkpoint at ``step`` (in-process stand-in)."""
+    monkeypatch.setenv(KILL_AFTER_ENV, str(step))
+
+    def _exit(code):
+        raise Killed(code)
+
+    monkeypatch.setattr(common_runs.os, "_exit", _exit)
+
+
+# ----------------------------------------------------------------- Args block
+def shared_block(mod) -> list[str]:
+    src = inspect.getsource(mod.Args).splitlines()
+    start = next(i for i, line in enumerate(src) if "shared fields" in line)
+    end = next(i for i, line in enumerate(src) if i > start and line.strip().startswith("# ---"))
+    return src[start:end]
+
+
+def test_every_file_has_the_shared_args_block_verbatim_but_for_defaults():
+    blocks = {}
+    for f in FILES:
+        mod = load(f)
+        names = [fl.name for fl in dataclasses.fields(mod.Args)]
+        assert names[:len(SHARED)] == SHARED, f
+        blocks[f] = [re.sub(r" = .*$", " = ...", line) for line in shared_block(mod)]
+        assert hasattr(mod, "load_policy") and "sample" in inspect.signature(mod.load_policy).parameters, f
+    first = blocks[FILES[0]]
+    for f, b in blocks.items():
+        assert b == first, f"{f}'s shared Args block differs from {FILES[0]}'s"
+
+
+# ------------------------------------------------------- train, resume, evaluate
+@pytest.mark.parametrize("file", FILES)
+def test_contract(file, bridge_data, tmp_path, monkeypatch, capsys):
+    mod = load(file)
+    algo = algo_of(file)
+    sample = algo not in GREEDY_ONLY
+    run_a = tmp_path / "a"
+    summary = mod.main(make_args(mod, bridge_data, run_a, eval_sample=sample))
+    # files of a run: config (threads recorded), metrics at every --eval-every and the last update
+    config = json.loads((run_a / "config.json").read_text())
+    assert config["threads"] == 1 and config["algo"] == algo
+    metrics = json.loads((run_a / "metrics.json").read_text())
+    entry = metrics["bridge"]["hard__random"][algo]["seed_0"]
+    assert [entry[f"step_{k}"]["step_count"] for k in range(2)] == [3, 6] and "step_2" not in entry
+    assert len(entry["absolute_metrics"]["episode_return"]) == 3 and "step_count" not in entry["absolute_metrics"]
+    assert summary["steps"] == 6 and np.isfinite(summary["return_mean"]) and summary["threads"] == 1
+    assert json.loads((run_a / "done.json").read_text())["algo"] == algo
+    # the checkpoint: one schema, tensors and plain values only (a weights-only load reads it)
+    ck = torch.load(run_a / "checkpoints" / "latest.pt", weights_only=True)
+    assert ck["schema"] == CHECKPOINT_SCHEMA and ck["algo"] == algo and ck["step"] == 6
+    assert {"modules", "optimizers", "generators", "rng", "args", "dims", "meta", "progress"} <= set(ck)
+
+    # killed right after the checkpoint at update 3, resumed: the same final numbers and parameters
+    run_b = tmp_path / "b"
+    kill_after(monkeypatch, 3)
+    with pytest.raises(Killed):
+        mod.main(make_args(mod, bridge_data, run_b, eval_sample=sample))
+    monkeypatch.delenv(KILL_AFTER_ENV)
+    assert not (run_b / "done.json").exists()
+    with pytest.raises(OfflineMarlError, match="pass --resume to continue it or --overwrite"):
+        mod.main(make_args(mod, bridge_data, run_b, eval_sample=sample))
+    resumed = mod.main(make_args(mod, bridge_data, run_b, eval_sample=sample, resume=True))
+    assert resumed["return_mean"] == summary["return_mean"]
+    assert json.loads((run_b / "metrics.json").read_text()) == metrics
+    cb = load_checkpoint(run_b, algo)
+    for name, sd in ck["modules"].items():
+        for k, v in sd.items():
+            assert torch.equal(v, cb["modules"][name][k]), f"{name}.{k} differs after resume"
+    # a finished run is not trained again; --resume with another network shape is refused
+    assert mod.main(make_args(mod, bridge_data, run_b, eval_sample=sample, resume=True))["steps"] == 6
+    shape = "hidden" if "hidden" in SMALL[algo] else "embed_dim"
+    with pytest.raises(OfflineMarlError, match="--resume refuses"):
+        mod.main(make_args(mod, bridge_data, run_b, eval_sample=sample, resume=True, total_steps=9,
+                           **{shape: 24}))
+
+    # --eval-only: one JSON line, the final evaluation's episodes (the same seed rule)
+    capsys.readouterr()
+    out = mod.main(mod.Args(eval_only=True, checkpoint=str(run_a), final_eval_episodes=3, device="cpu"))
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and json.loads(line)["return_mean"] == out["return_mean"] == summary["return_mean"]
+    assert out["step"] == 6 and out["algo"] == algo
+
+    # another file's checkpoint is refused with one sentence
+    other = FILES[(FILES.index(file) + 1) % len(FILES)]
+    with pytest.raises(OfflineMarlError, match=f"checkpoint of {algo}, not of {algo_of(other)}"):
+        load(other).main(load(other).Args(eval_only=True, checkpoint=str(run_a), device="cpu"))
+
+    # --overwrite replaces our own run; a foreign folder is never touched
+    mod.main(make_args(mod, bridge_data, run_a, eval_sample=sample, overwrite=True, total_steps=3))
+    assert load_checkpoint(run_a)["step"] == 3
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("x")
+    with pytest.raises(OfflineMarlError, match="did not write"):
+        mod.main(make_args(mod, bridge_data, foreign, overwrite=True))
+    assert (foreign / "thesis.tex").read_text() == "x" and sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_trains_without_an_environment_then_eval_only(file, bridge_data, tmp_path, monkeypatch, capsys):
+    """--eval-episodes 0: no environment is built (none can be, here), a checkpoint is left that
+    --eval-only evaluates later where the environment exists."""
+    mod = load(file)
+    from common import envs
+
+    real = envs.FAMILIES["bridge"]
+    monkeypatch.setitem(envs.FAMILIES, "bridge", (lambda task, **o: (_ for _ in ()).throw(
+        envs.EnvError("the bridge game is not installed")), real[1]))
+    with pytest.raises(OfflineMarlError, match="--eval-episodes 0"):
+        mod.main(make_args(mod, bridge_data, tmp_path / "x"))
+    summary = mod.main(make_args(mod, bridge_data, tmp_path / "run", eval_episodes=0))
+    assert "evaluation" in summary and "return_mean" not in summary
+    monkeypatch.setitem(envs.FAMILIES, "bridge", real)
+    out = mod.main(mod.Args(eval_only=True, checkpoint=str(tmp_path / "run"), final_eval_episodes=2, device="cpu"))
+    assert np.isfinite(out["return_mean"]) and out["step"] == 6
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["bridge"]["hard__random"][algo_of(file)]["seed_0"]["absolute_metrics"]["episode_return"]) == 2
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_divergence_stops_the_run_without_a_result(file, bridge_data, tmp_path, monkeypatch):
+    """NaN observations after the first few batches: the run stops with one sentence naming the loss
+    and the update (or, in AlberDICE, the resampling weights computed from the NaN policy), keeps the
+    last good checkpoint and writes no done.json."""
+    mod = load(file)
+    calls = {"n": 0}
+    for name in ("sample", "sample_sequences"):
+        orig = getattr(OfflineDataset, name)
+
+        def poisoned(self, *a, _orig=orig, **k):
+            b = _orig(self, *a, **k)
+            calls["n"] += 1
+            if calls["n"] > 20 and "obs" in b:
+                b = dict(b, obs=torch.full_like(b["obs"], float("nan")))
+            return b
+
+        monkeypatch.setattr(OfflineDataset, name, poisoned)
+    run_dir = tmp_path / "run"
+    args = make_args(mod, bridge_data, run_dir, total_steps=40, eval_every=3, log_every=1, eval_episodes=1)
+    with pytest.raises(DivergenceError, match=r"diverged: .*(NaN or infinite at update \d+|by update \d+|sampling weights)"):
+        mod.main(args)
+    assert not (run_dir / "done.json").exists()
+    ck = load_checkpoint(run_dir)
+    assert all(torch.isfinite(v).all() for sd in ck["modules"].values() for v in sd.values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------- refusals, one line each
+def evil_checkpoint(path: Path, marker: Path) -> Path:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"schema": CHECKPOINT_SCHEMA, "x": Evil()}, path)
+    return path
+
+
+@pytest.mark.parametrize("file", ["comadice.py", "baselines/cql.py", "baselines/bc.py"])
+def test_a_crafted_checkpoint_runs_no_code(file, bridge_data, tmp_path):
+    mod = load(file)
+    marker = tmp_path / "PWNED"
+    evil = evil_checkpoint(tmp_path / "evil.pt", marker)
+    with pytest.raises(OfflineMarlError, match="safe"):
+        mod.main(mod.Args(eval_only=True, checkpoint=str(evil), device="cpu"))
+    run = tmp_path / "run"
+    mod.main(make_args(mod, bridge_data, run, total_steps=3, eval_episodes=0))
+    evil_checkpoint(run / "checkpoints" / "latest.pt", marker)  # a crafted file where --resume looks
+    with pytest.raises(OfflineMarlError, match="safe"):
+        mod.main(make_args(mod, bridge_data, run, total_steps=6, eval_episodes=0, resume=True))
+    with pytest.raises(OfflineMarlError, match="safe"):
+        collect.load_act_fn(evil, ROOT / file)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(total_steps=-10), "--total-steps must be at least 1"),
+    (dict(batch_size=0), "--batch-size must be at least 1"),
+    (dict(eval_every=0), "--eval-every must be at least 1"),
+    (dict(log_every=0), "--log-every must be at least 1"),
+    (dict(gamma=1.5), "--gamma must be in"),
+    (dict(alpha=0.0), "--alpha must be positive"),
+    (dict(alpha=-1.0), "--alpha must be positive"),
+    (dict(lr=float("nan")), "--lr must be a finite number"),
+    (dict(device="gpu"), "not a torch device"),
+    (dict(resume=True, overwrite=True), "exclude each other"),
+    (dict(eval_only=True), "needs --checkpoint"),
+])
+def test_impossible_arguments_are_refused_before_any_work(kw, pattern, tmp_path):
+    mod = load("comadice.py")
+    with pytest.raises(OfflineMarlError, match=pattern):
+        mod.main(mod.Args(run_dir=str(tmp_path / "run"), dataset=str(tmp_path / "missing"), **kw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_real_kill_and_resume_in_a_subprocess(bridge_data, tmp_path):
+    """The kill hook of the in-process tests, as a real process exit, and the CLI's one-line errors."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("OFFLINE_MARL_DEBUG", None)
+    cmd = [sys.executable, str(ROOT / "baselines" / "bc.py"), "--dataset", str(bridge_data), "--quality", "random",
+           "--total-steps", "6", "--eval-every", "3", "--eval-episodes", "2", "--final-eval-episodes", "3",
+           "--batch-size", "8", "--hidden", "8", "--device", "cpu", "--eval-sample"]
+    a = subprocess.run(cmd + ["--run-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr
+    b = subprocess.run(cmd + ["--run-dir", str(tmp_path / "b")], env={**env, KILL_AFTER_ENV: "3"},
+                       capture_output=True, text=True, timeout=120)
+    assert b.returncode == 3 and not (tmp_path / "b" / "done.json").exists()
+    again = subprocess.run(cmd + ["--run-dir", str(tmp_path / "b")], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in again.stderr
+    b = subprocess.run(cmd + ["--run-dir", str(tmp_path / "b"), "--resume"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert b.returncode == 0, b.stderr
+    da, db = (json.loads((tmp_path / d / "done.json").read_text()) for d in ("a", "b"))
+    assert da["return_mean"] == db["return_mean"]
+    assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
