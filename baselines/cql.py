@@ -68,6 +68,12 @@ class Args:
     """environments stepped side by side during evaluation (one batched forward pass)"""
     log_every: int = 1000
     """updates between TensorBoard scalars (the only host synchronisations of the loop)"""
+    track: bool = False
+    """log to Weights & Biases as well (pip install 'offline-marl[track]'; the TensorBoard scalars are synced)"""
+    wandb_project: str = "offline-marl"
+    """Weights & Biases project of --track"""
+    capture_video: bool = False
+    """record one episode of every evaluation as an mp4 under <run>/videos (MaMuJoCo)"""
     resume: bool = False
     """continue the run in --run-dir (default: the newest of this env/task/quality/seed) from its checkpoint"""
     overwrite: bool = False

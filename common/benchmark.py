@@ -478,13 +478,37 @@ def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: i
 
 
 def merged_metrics(records: list[RunRecord]) -> dict[str, Any]:
-    """All runs' metrics.json merged into one marl-eval JSON."""
-    out: dict[str, Any] = {}
+    """All runs' metrics.json merged into one marl-eval JSON that marl-eval's
+    ``data_process_pipeline`` and ``create_matrices_for_rliable`` read as it is.
+
+    marl-eval needs every run to have the same evaluation points ``step_0 .. step_{K-1}``. Runs of a
+    grid may have other budgets and intervals (one algorithm 5 evaluations, another 4), so each run
+    is put on a common grid of K points, K the fewest evaluations of any run: ``step_k`` is the run's
+    evaluation at fraction (k + 1) / K of its own evaluations (exact when its count is a multiple
+    of K), keeping its own ``step_count``. ``absolute_metrics`` (the final policy, the final
+    evaluation's episodes) is kept as it is. Metrics that not every entry has (``win_rate`` where
+    some runs have no winner) are dropped, since marl-eval reads the first run's metric names in all."""
+    runs = []
     for r in records:
         for env, tasks in r.metrics.items():
             for task, algos in tasks.items():
                 for algo, seeds in algos.items():
-                    out.setdefault(env, {}).setdefault(task, {}).setdefault(algo, {}).update(seeds)
+                    for seed, entry in seeds.items():
+                        steps = sorted((k for k in entry if k.startswith("step_")), key=lambda k: int(k[5:]))
+                        if steps and "absolute_metrics" in entry:
+                            runs.append((env, task, algo, seed, [entry[k] for k in steps], entry["absolute_metrics"]))
+    if not runs:
+        return {}
+    K = min(len(steps) for *_, steps, _ in runs)
+    names = set.intersection(*(set(e) for *_, steps, final in runs for e in (*steps, final)))
+    out: dict[str, Any] = {}
+    for env, task, algo, seed, steps, final in runs:
+        n = len(steps)
+        picked = [steps[round((k + 1) * n / K) - 1] for k in range(K)]
+        entry = {f"step_{k}": {"step_count": int(e["step_count"]), **{m: e[m] for m in sorted(names - {"step_count"})}}
+                 for k, e in enumerate(picked)}
+        entry["absolute_metrics"] = {m: final[m] for m in sorted(names - {"step_count"})}
+        out.setdefault(env, {}).setdefault(task, {}).setdefault(algo, {})[seed] = entry
     return out
 
 

@@ -27,6 +27,8 @@ smacv2      {protoss,terran,zerg}_{5_vs_5,...,20_vs_23}            smacv2 + Star
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -387,6 +389,7 @@ class MaMuJoCo(MultiAgentEnv):
             except ImportError as e:
                 raise EnvError(f"{_MAMUJOCO_HELP} ({e})") from None
             base = _build_quietly(gymnasium.make, f"{robot}-v5", disable_env_checker=True).unwrapped
+            self._base = base
             self._env = mamujoco_v1.parallel_env(robot, conf, agent_obsk=agent_obsk, gym_env=base,
                                                  global_categories=None if global_categories is None
                                                  else tuple(global_categories))
@@ -426,7 +429,27 @@ class MaMuJoCo(MultiAgentEnv):
         terminated = bool(terminated)
         return (*self._observe(raw), float(reward), terminated, not terminated and self._t >= self.episode_limit, {})
 
+    def render(self, width: int = 320, height: int = 240) -> np.ndarray:
+        """An RGB frame ``[height, width, 3]`` of the robot, rendered off-screen with a camera that
+        follows it (set ``MUJOCO_GL=egl`` or ``osmesa`` before mujoco is imported on a machine without
+        a screen; ``common.runs`` does for ``--capture-video``)."""
+        import mujoco
+
+        base = self._env if self.obs_mode == "omiga" else self._base
+        if getattr(self, "_renderer", None) is None:
+            self._renderer = mujoco.Renderer(base.model, height, width)
+            self._camera = mujoco.MjvCamera()
+            self._camera.type = mujoco.mjtCamera.mjCAMERA_TRACKING
+            self._camera.trackbodyid = 1
+            self._camera.distance = 4.0  # metres: the whole robot, Ant included
+            self._camera.elevation = -20.0
+        self._renderer.update_scene(base.data, camera=self._camera)
+        return self._renderer.render()
+
     def close(self):
+        if getattr(self, "_renderer", None) is not None:
+            self._renderer.close()
+            self._renderer = None
         self._env.close()
 
 
@@ -733,6 +756,39 @@ def matrix_policy_summary(env: MultiAgentEnv, act_fn: Callable[..., Any]) -> dic
 
 
 # ================================================================= evaluation
+def record_video(env: MultiAgentEnv, act_fn: Callable[..., Any], seed: int, path: str | Path, fps: int = 30,
+                 max_steps: int = 1000) -> Path:
+    """One episode of ``act_fn`` from ``seed`` in an environment with ``render()`` (MaMuJoCo),
+    written as an mp4 at ``path`` (imageio with its ffmpeg plugin)."""
+    try:
+        import imageio.v2 as imageio
+    except ImportError as e:
+        raise EnvError(f"writing videos needs imageio and imageio-ffmpeg: pip install \"offline-marl[mujoco]\" ({e})") from None
+    if not hasattr(env, "render"):
+        raise EnvError(f"{type(env).__name__} cannot render frames; --capture-video records MaMuJoCo episodes")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(act_fn, "reseed"):
+        act_fn.reseed(seed)
+    if hasattr(act_fn, "reset"):
+        act_fn.reset(np.ones(1, bool))
+    obs, state, avail = env.reset(seed)
+    frames = [env.render()]
+    for _ in range(max_steps):
+        acts = act_fn(obs[None], state[None], avail[None])
+        acts = acts.detach().cpu().numpy() if hasattr(acts, "detach") else np.asarray(acts)
+        obs, state, avail, r, term, trunc, _ = env.step(acts[0])
+        if hasattr(act_fn, "observe_reward"):
+            act_fn.observe_reward(np.array([r], np.float32))
+        frames.append(env.render())
+        if term or trunc:
+            break
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
+    os.replace(tmp, path)
+    return path
+
+
 def _worker(conn, spec: dict[str, Any]) -> None:
     env = make_env(spec["env"], spec["task"], **spec["options"])
     try:

@@ -423,9 +423,13 @@ def _read_vault(path: Path, *, uid: str | None = None, final_obs_row: bool = Fal
     if not len(lengths):
         raise DatasetError(f"the vault {root} holds no complete episode")
 
-    legals = "infos/legals" in stores
-    a_dtype = stores["actions"].dtype.numpy_dtype
-    discrete = legals or np.issubdtype(a_dtype, np.integer)
+    a_dtype, a_rank = stores["actions"].dtype.numpy_dtype, len(stores["actions"].shape)
+    # discrete or continuous from the actions themselves: integers, or one float per agent ([B, T, N])
+    # with a legal-action mask, are discrete; [B, T, N, A] floats are continuous, mask or not
+    discrete = bool(np.issubdtype(a_dtype, np.integer) or (a_rank == 3 and "infos/legals" in stores))
+    legals = discrete and "infos/legals" in stores
+    if "infos/legals" in stores and not discrete:
+        notes["legals"] = "ignored: the actions are continuous"
     if discrete and not legals and n_actions is None:
         amax = int(np.asarray(stores["actions"][:, :n].read().result()).max())
         n_actions, notes["n_actions"] = amax + 1, "largest action in the data + 1 (the vault has no legal-action masks)"

@@ -47,10 +47,12 @@ from common import DivergenceError, OfflineMarlError
 CHECKPOINT_SCHEMA = "offline-marl-checkpoint/1"
 # Arguments that may differ when a run is resumed: where and how it runs, not what it learns.
 OPERATIONAL_ARGS = frozenset({"resume", "overwrite", "run_dir", "eval_only", "checkpoint", "device", "threads",
-                              "total_steps", "log_every", "final_eval_episodes"})
+                              "total_steps", "log_every", "final_eval_episodes", "track", "wandb_project",
+                              "capture_video"})
 # The files a run directory may hold (the benchmark runner adds the last two before the run starts):
 # anything else makes the folder someone else's.
 RUN_FILES = ("config.json", "metrics.json", "done.json", "benchmark.json", "log.txt")
+RUN_DIRS = ("checkpoints", "videos", "wandb")  # checkpoints/latest.pt, videos/*.mp4, Weights & Biases' own files
 KILL_AFTER_ENV = "OFFLINE_MARL_KILL_AFTER_CHECKPOINT"  # tests: exit right after the checkpoint at this step
 
 
@@ -318,6 +320,12 @@ def dataset_identity(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: _jsonable(meta.get(k)) for k in keys}
 
 
+def _is_wandb_dir(path: Path) -> bool:
+    """The folder Weights & Biases writes for a run (``run-*``/``offline-run-*``, ``latest-run``)."""
+    names = [p.name for p in path.iterdir()]
+    return bool(names) and all(n.startswith(("run-", "offline-run-", "latest-run", "debug")) for n in names)
+
+
 # ===================================================================== the run
 class Run:
     """One training run: arguments, device, threads, directory, TensorBoard writer, resume,
@@ -327,6 +335,8 @@ class Run:
                  nonneg: tuple[str, ...] = (), unit: tuple[str, ...] = (),
                  checks: tuple[tuple[bool, str], ...] = (), tensorboard: bool = True):
         validate_args(args, positive, nonneg, unit, checks)
+        if getattr(args, "capture_video", False):
+            os.environ.setdefault("MUJOCO_GL", "egl")  # off-screen rendering, before mujoco is imported
         self.args, self.algo, self.root = args, algo, Path(root)
         self.device = resolve_device(args.device)
         self.threads, self.tuner = setup_threads(getattr(args, "threads", 0), self.device)
@@ -337,7 +347,7 @@ class Run:
         self.progress: dict[str, Any] = {}  # plain values a file keeps across a resume (e.g. a phase done)
         self.metrics: dict[str, Any] = {}
         self.finished_summary: dict[str, Any] | None = None
-        self._writer, self._tb = None, tensorboard
+        self._writer, self._tb, self._wandb = None, tensorboard, None
         self._train_time, self._clock, self._log_step, self._log_time = 0.0, 0.0, 0, 0.0
         self._first_bad: torch.Tensor | None = None
         self._bad_keys: list[str] = []
@@ -385,6 +395,11 @@ class Run:
             raise OfflineMarlError("; ".join(problems))
         if env is not None:
             dataset.check_env(env)
+            if getattr(a, "capture_video", False) and not hasattr(env, "render"):
+                raise OfflineMarlError(f"--capture-video records MaMuJoCo episodes; {type(env).__name__} cannot "
+                                       "render frames")
+        elif getattr(a, "capture_video", False):
+            raise OfflineMarlError("--capture-video records evaluation episodes: it needs --eval-episodes > 0")
         if a.dataset:  # a --dataset run is labelled with its data's env, task and quality, unless given
             default = type(a)()
             self.label.update({k: str(dataset.meta[k]) for k in self.label if getattr(a, k) == getattr(default, k)
@@ -411,6 +426,11 @@ class Run:
                 inner = [c for c in p.iterdir() if not (c.is_file() and c.name.startswith("latest.pt"))]
                 foreign += [f"checkpoints/{c.name}" for c in inner]
                 continue
+            if p.name == "videos" and p.is_dir():
+                foreign += [f"videos/{c.name}" for c in p.iterdir() if not (c.is_file() and c.suffix == ".mp4")]
+                continue
+            if p.name == "wandb" and p.is_dir() and _is_wandb_dir(p):
+                continue
             foreign.append(p.name)
         config = d / "config.json"
         try:
@@ -434,6 +454,14 @@ class Run:
             for p in ck.iterdir():
                 p.unlink()
             ck.rmdir()
+        if (d / "videos").is_dir():
+            for p in (d / "videos").glob("*.mp4"):
+                p.unlink()
+            (d / "videos").rmdir()
+        if (d / "wandb").is_dir() and _is_wandb_dir(d / "wandb"):
+            import shutil
+
+            shutil.rmtree(d / "wandb")  # Weights & Biases' local copy of this run (--track)
 
     def _choose_dir(self) -> tuple[Path, bool]:
         """The run directory and whether it holds a checkpoint to resume."""
@@ -506,6 +534,8 @@ class Run:
         if ck is not None:
             self._restore(ck)
         _atomic_write_text(d / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(self.args, "track", False):
+            self._start_wandb(config)
         if ck is not None and self.metrics_path.is_file():
             self.metrics = json.loads(self.metrics_path.read_text())
             self._truncate_metrics()
@@ -515,6 +545,21 @@ class Run:
             (d / "done.json").unlink()
         self._bar_start()
         return self.step
+
+    def _start_wandb(self, config: dict[str, Any]) -> None:
+        """--track: a Weights & Biases run that mirrors the TensorBoard scalars (``sync_tensorboard``;
+        started before the writer exists). A resumed run continues the same W&B run (its id is
+        derived from the run directory). ``WANDB_MODE=offline`` keeps it on disk."""
+        try:
+            import wandb
+        except ImportError:
+            raise OfflineMarlError("--track needs Weights & Biases: pip install 'offline-marl[track]'") from None
+        import hashlib
+
+        run_id = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:16]
+        self._wandb = wandb.init(project=getattr(self.args, "wandb_project", "offline-marl"), name=self.dir.name,
+                                 id=run_id, resume="allow", config=config, dir=str(self.dir),
+                                 sync_tensorboard=True)
 
     def _check_same(self, ck: dict[str, Any]) -> None:
         saved, now = ck.get("args", {}), _jsonable(self.args)
@@ -593,6 +638,8 @@ class Run:
             self._check_parameters()
             if self.env is not None:
                 self.log_eval(s, self.evaluate(a.eval_episodes))
+                if getattr(a, "capture_video", False):
+                    self.record_video(f"step_{s:09d}.mp4")
             self.checkpoint()
             if os.environ.get(KILL_AFTER_ENV) == str(s):
                 os._exit(3)  # tests: a run killed right after this checkpoint
@@ -653,6 +700,20 @@ class Run:
             res["extra"] = self.on_eval(res)
         return res
 
+    def record_video(self, name: str) -> Path:
+        """--capture-video: one episode of the policy (the evaluation's first) as ``videos/<name>``."""
+        from common.envs import record_video
+
+        for m in self.modules.values():
+            if hasattr(m, "eval"):
+                m.eval()
+        try:
+            return record_video(self.env, self.act_fn, eval_seed(self.args.seed), self.dir / "videos" / name)
+        finally:
+            for m in self.modules.values():
+                if hasattr(m, "train"):
+                    m.train()
+
     def checkpoint(self) -> Path:
         """Write every tensor and RNG state of the run (atomically) as ``checkpoints/latest.pt``."""
         state = {"schema": CHECKPOINT_SCHEMA, "algo": self.algo, "step": self.step, "args": _jsonable(self.args),
@@ -688,6 +749,8 @@ class Run:
         if self.env is not None:
             result = self.evaluate(self.args.final_eval_episodes)
             self.log_final(self.step, result)
+            if getattr(self.args, "capture_video", False):
+                summary["video"] = str(self.record_video("final.mp4"))
             summary.update({k: result[k] for k in ("return_mean", "return_std", "return_per_step", "win_rate",
                                                    "length_mean")},
                            episodes=self.args.final_eval_episodes)
@@ -768,6 +831,9 @@ class Run:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 # ===================================================================== --eval-only

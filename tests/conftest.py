@@ -7,6 +7,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("MUJOCO_GL", "egl")  # off-screen rendering (--capture-video tests), before mujoco loads
+os.environ.setdefault("WANDB_MODE", "offline")  # --track tests never reach the network
 
 import torch  # noqa: E402
 

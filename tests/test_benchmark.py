@@ -286,3 +286,34 @@ def test_tiny_real_grid_on_bridge(tmp_path, monkeypatch):
     text, _ = bm.write_outputs(root, plots=str(tmp_path / "plots"), reps=200)
     assert "| bridge | hard | mix | bc | 2 |" in text and "| bridge | hard | mix | optidice | 2 |" in text
     assert all(r.status == "skipped" for r in bm.run_grid(specs, root, workers=2, progress=False))
+
+
+def test_merged_metrics_with_unequal_budgets_are_read_by_marl_eval(tmp_path):
+    """Algorithms with other budgets and evaluation intervals (5, 4 and 3 evaluations) merge onto a
+    common grid that the real marl-eval package processes as it is: its data pipeline, the rliable
+    matrices and a plot. (CI installs it: `pip install --no-deps id-marl-eval colorama colorcet seaborn`;
+    its own requirements pin pandas 1.4, which does not build on current Pythons.)"""
+    pytest.importorskip("marl_eval")
+    pytest.importorskip("seaborn")
+    from marl_eval.plotting_tools.plotting import performance_profiles, sample_efficiency_curves
+    from marl_eval.utils.data_processing_utils import create_matrices_for_rliable, data_process_pipeline
+
+    for algo, n in (("a", 5), ("b", 4), ("c", 3)):
+        for seed in range(3):
+            _write_run(tmp_path, algo, seed, [seed + 1.0, seed + 2.0], curve=[float(k + seed) for k in range(n)])
+    merged = bm.merged_metrics(bm.load_runs(tmp_path))
+    runs = merged["bridge"]["hard__mix"]
+    assert {len([k for k in e if k.startswith("step_")]) for a in runs.values() for e in a.values()} == {3}
+    # run "a" (5 evaluations) is read at fractions 1/3, 2/3, 1 of its evaluations: its 2nd, 3rd and 5th
+    assert [runs["a"]["seed_0"][f"step_{k}"]["step_count"] for k in range(3)] == [200, 300, 500]
+    processed = data_process_pipeline(merged, metrics_to_normalize=["episode_return"])
+    final, curves = create_matrices_for_rliable(processed, "bridge", metrics_to_normalize=["episode_return"])
+    assert final["mean_norm_episode_return"]["a"].shape == (3, 1)
+    assert curves["mean_norm_episode_return"]["c"].shape == (3, 1, 3)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = performance_profiles(final, metric_name="episode_return", metrics_to_normalize=["episode_return"])
+    fig.savefig(tmp_path / "profile.png")
+    sample_efficiency_curves(curves, metric_name="episode_return", metrics_to_normalize=["episode_return"])
+    assert (tmp_path / "profile.png").stat().st_size > 1000

@@ -30,7 +30,7 @@ FILES = ["comadice.py", "alberdice.py", "omcda.py"] + [f"baselines/{n}.py" for n
                                                         "omar", "madtkd")]
 SHARED = ["env", "task", "quality", "dataset", "seed", "device", "threads", "total_steps", "batch_size", "eval_every",
           "eval_episodes", "final_eval_episodes", "eval_sample", "eval_episode_limit", "eval_envs", "log_every",
-          "resume", "overwrite", "run_dir", "eval_only", "checkpoint"]
+          "track", "wandb_project", "capture_video", "resume", "overwrite", "run_dir", "eval_only", "checkpoint"]
 # small networks and short pre-training phases, so that a run takes a fraction of a second
 SMALL = {"comadice": dict(hidden=16, mixer_hidden=8), "alberdice": dict(hidden=16, pretrain_steps=3),
          "omcda": dict(hidden=16, mix_hidden=8, bc_steps=3), "bc": dict(hidden=16), "optidice": dict(hidden=16),
@@ -292,3 +292,44 @@ def test_a_real_kill_and_resume_in_a_subprocess(bridge_data, tmp_path):
     da, db = (json.loads((tmp_path / d / "done.json").read_text()) for d in ("a", "b"))
     assert da["return_mean"] == db["return_mean"]
     assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+
+
+def test_track_writes_an_offline_weights_and_biases_run(bridge_data, tmp_path):
+    """--track (WANDB_MODE=offline, set by conftest): a W&B run inside the run directory that mirrors
+    the TensorBoard scalars; --overwrite removes it again with the run."""
+    pytest.importorskip("wandb")
+    mod = load("baselines/bc.py")
+    run = tmp_path / "run"
+    mod.main(make_args(mod, bridge_data, run, track=True, wandb_project="offline-marl-test", log_every=1))
+    (offline,) = list((run / "wandb").glob("offline-run-*"))
+    assert list(offline.glob("*.wandb")) and (offline / "files").is_dir()
+    assert list(run.glob("events.out.tfevents.*"))
+    mod.main(make_args(mod, bridge_data, run, overwrite=True, total_steps=3))
+    assert not (run / "wandb").exists()
+
+
+def test_capture_video_writes_a_rendered_mp4_of_mamujoco(bridge_data, tmp_path):
+    """--capture-video: an mp4 of one evaluation episode per evaluation and of the final policy,
+    rendered off-screen (MUJOCO_GL=egl), with real, non-constant frames."""
+    from common import envs
+
+    try:
+        env = envs.make_env("mamujoco", "Hopper-3x1", episode_limit=6)
+        env.reset(0)
+        env.render()
+    except Exception as e:  # no mujoco, or no off-screen GL on this machine
+        pytest.skip(f"MaMuJoCo cannot render here: {e}")
+    imageio = pytest.importorskip("imageio.v2")
+    data = collect.random_dataset("mamujoco", "Hopper-3x1", 3, env_options={"episode_limit": 6}, n_envs=1)
+    path = data.save(tmp_path / "hopper")
+    mod = load("comadice.py")
+    run = tmp_path / "run"
+    summary = mod.main(make_args(mod, path, run, env="mamujoco", task="Hopper-3x1", capture_video=True,
+                                 eval_episode_limit=6, eval_sample=False))
+    videos = sorted(p.name for p in (run / "videos").iterdir())
+    assert videos == ["final.mp4", "step_000000003.mp4", "step_000000006.mp4"] and summary["video"].endswith("final.mp4")
+    frames = imageio.mimread(run / "videos" / "final.mp4")
+    assert 2 <= len(frames) <= 7 and frames[0].shape == (240, 320, 3) and np.std(frames[0]) > 1
+    bc = load("baselines/bc.py")
+    with pytest.raises(OfflineMarlError, match="--capture-video records MaMuJoCo episodes"):
+        bc.main(make_args(bc, bridge_data, tmp_path / "r2", capture_video=True))

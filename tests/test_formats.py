@@ -80,6 +80,19 @@ def test_vault_final_obs_row_continuous_time_limit_and_state(tmp_path):
     assert ds.meta["env_options"] == {"obs_mode": "omiga"} and ds.meta["task"] == "Hopper-3x1"
 
 
+def test_vault_continuous_with_a_legal_action_mask(tmp_path):
+    """A continuous vault that also stores a legal-action mask (all ones, as some recorders write):
+    discrete vs continuous is decided by the actions ([B, T, N, A] floats), not by the mask."""
+    eps = make_episodes(E=4, A=3, seed=6, lengths=[4, 2, 4, 3])
+    experience, T = vault_streams(eps)
+    experience["infos"]["legals"] = np.ones(experience["actions"].shape, np.float32)
+    formats.write_vault(tmp_path / "c.vlt", experience, uid="Good")
+    ds = load(tmp_path / "c.vlt")
+    assert not ds.discrete and ds.act_dim == 3 and ds.n_transitions == sum(len(ep["reward"]) - (
+        0 if ep["terminated"] else 1) for ep in eps)
+    assert "ignored" in ds.meta["provenance"]["notes"]["legals"]
+
+
 def test_vault_several_uids_need_a_choice(tmp_path):
     eps = make_episodes(E=3, seed=5)
     for uid in ("Good", "Poor"):
