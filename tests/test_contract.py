@@ -333,3 +333,42 @@ def test_capture_video_writes_a_rendered_mp4_of_mamujoco(bridge_data, tmp_path):
     bc = load("baselines/bc.py")
     with pytest.raises(OfflineMarlError, match="--capture-video records MaMuJoCo episodes"):
         bc.main(make_args(bc, bridge_data, tmp_path / "r2", capture_video=True))
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_no_host_synchronisation_inside_an_update(file, bridge_data, tmp_path, monkeypatch):
+    """Between two ``run.record`` calls (i.e. while the file's update runs), reading a tensor on the
+    host (`.item()`, `.cpu()`, `.numpy()`, `.tolist()`, `bool()`, `float()`, `int()`) from the project's
+    code raises; the loop's own reads happen every --log-every, inside ``record``. (torch's own
+    reads of CPU-side scalars, e.g. Adam's step count, are not device syncs and are let through.)"""
+    mod = load(file)
+    guard = {"on": False}
+    torch_dir = str(Path(torch.__file__).parent)
+
+    def forbid(name):
+        orig = getattr(torch.Tensor, name)
+
+        def f(self, *a, **k):
+            if guard["on"] and not sys._getframe(1).f_code.co_filename.startswith(torch_dir):
+                raise AssertionError(f"host sync in {algo_of(file)}'s update: Tensor.{name}")
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, f)
+
+    for name in ("item", "cpu", "numpy", "tolist", "__bool__", "__float__", "__int__"):
+        forbid(name)
+    record = common_runs.Run.record
+
+    def guarded_record(self, stats):
+        guard["on"] = False
+        try:
+            record(self, stats)
+        finally:
+            guard["on"] = self.training  # the next update runs guarded
+
+    monkeypatch.setattr(common_runs.Run, "record", guarded_record)
+    try:
+        mod.main(make_args(mod, bridge_data, tmp_path / "run", total_steps=6, eval_every=6, log_every=6,
+                           eval_episodes=0))
+    finally:
+        guard["on"] = False
