@@ -52,6 +52,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 2_000
     """gradient updates"""
     batch_size: int = 256
@@ -580,8 +584,10 @@ def main(args: Args) -> dict:
     logp_data_others = dataset_log_probs(model, dataset, "ar")  # pi_{-i}^D is fixed after pretraining
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     log_rho = None
+    iteration = run.compile(train_iteration)  # torch.compile with --compile
     while run.training:
-        log_rho, infos = train_iteration(model, opts, dataset, args, run.step, log_rho, logp_data_others, gen, f_abs)
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            log_rho, infos = iteration(model, opts, dataset, args, run.step, log_rho, logp_data_others, gen, f_abs)
         run.record({f"losses/{k}": torch.stack([d[k] for d in infos]).mean() for k in infos[0]}
                    | {"charts/alpha": alpha_at(args, run.step)})
     return run.finish()

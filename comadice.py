@@ -45,6 +45,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 200_000
     """gradient updates"""
     batch_size: int = 128
@@ -525,8 +529,10 @@ def main(args: Args) -> dict[str, Any]:
     opts = model.optimizers(args.lr)
     act_fn = make_act_fn(model.policy, run.device, not args.eval_sample)
     run.start(dataset, env, act_fn, dims=dims, modules={"model": model}, optimizers=opts)
+    step = run.compile(update)  # torch.compile with --compile
     while run.training:
-        stats = update(model, opts, dataset.sample(args.batch_size), dataset.sample_initial(args.batch_size), args)
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            stats = step(model, opts, dataset.sample(args.batch_size), dataset.sample_initial(args.batch_size), args)
         run.record(stats)
     return run.finish()
 

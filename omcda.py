@@ -43,6 +43,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 1_000_000
     """gradient updates"""
     batch_size: int = 128
@@ -627,8 +631,11 @@ def main(args: Args) -> dict[str, Any]:
         run.checkpoint()
     for p in agent.behaviour.parameters():
         p.requires_grad_(False)
+    step = run.compile(agent.update)  # torch.compile with --compile
     while run.training:
-        run.record(_scalars(agent.update(ds.sample(args.batch_size)), N))
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            stats = step(ds.sample(args.batch_size))
+        run.record(_scalars(stats, N))
     return run.finish({"d_tot": d_tot, "d": agent.d.tolist(), "alpha": agent.alpha.tolist(),
                        "influence": agent.m.tolist()})
 

@@ -48,6 +48,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 5_000
     """gradient updates"""
     batch_size: int = 256
@@ -205,13 +209,19 @@ def main(args: Args) -> dict:
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
     act_fn = make_act_fn(policy, run.device, sample=args.eval_sample)
     run.start(dataset, env, act_fn, dims=dims, modules={"policy": policy}, optimizers={"policy": opt})
-    while run.training:
-        b = dataset.sample(args.batch_size)
+
+    def update(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         loss = bc_loss(policy(b["obs"]), b["actions"], b["avail"], discrete)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        run.record({"losses/bc": loss.detach()})
+        return {"losses/bc": loss.detach()}
+
+    step = run.compile(update)  # torch.compile with --compile
+    while run.training:
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            stats = step(dataset.sample(args.batch_size))
+        run.record(stats)
     return run.finish()
 
 

@@ -51,6 +51,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 1_000_000
     """gradient updates"""
     batch_size: int = 128
@@ -359,8 +363,11 @@ def main(args: Args) -> dict[str, Any]:
     update = update_discrete if discrete else update_continuous
     act_fn = make_act_fn(nets, args, discrete, device)
     run.start(data, env, act_fn, dims=dims, modules={"nets": nets}, optimizers=opt)
+    step = run.compile(update)  # torch.compile with --compile
     while run.training:
-        run.record(update(data.sample(args.batch_size)))
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            stats = step(data.sample(args.batch_size))
+        run.record(stats)
     return run.finish()
 
 

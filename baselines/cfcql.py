@@ -53,6 +53,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 1_000_000
     """gradient updates"""
     batch_size: int = 128
@@ -435,8 +439,10 @@ def main(args: Args) -> dict[str, Any]:
                 "charts/deviation": dev.mean()}
 
     update = update_discrete if discrete else update_continuous
+    step = run.compile(update)  # torch.compile with --compile
     while run.training:
-        info = update(data.sample(args.batch_size))
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            info = step(data.sample(args.batch_size))
         if discrete and (run.step + 1) % args.target_update_interval == 0:  # hard target update
             q_t.load_state_dict(q.state_dict())
             mixer_t.load_state_dict(mixer.state_dict())

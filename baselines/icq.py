@@ -56,6 +56,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 100_000
     """gradient updates"""
     batch_size: int = 32
@@ -464,8 +468,10 @@ def main(args: Args) -> dict[str, Any]:
     act_fn = ActFn(policy, device, args.eval_sample)
     sample_len = None if seq_len == 0 else seq_len + 1
     run.start(data, env, act_fn, dims=dims, modules={"nets": nets}, optimizers=opt, generators={"policy": gen})
+    step = run.compile(update)  # torch.compile with --compile
     while run.training:
-        info = update(data.sample_sequences(args.batch_size, sample_len))
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            info = step(data.sample_sequences(args.batch_size, sample_len))
         if (run.step + 1) % args.target_update_interval == 0:  # hard target update
             critic_t.load_state_dict(critic.state_dict())
             mixer_t.load_state_dict(mixer.state_dict())

@@ -52,6 +52,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 100_000
     """gradient updates"""
     batch_size: int = 64
@@ -417,12 +421,15 @@ def main(args: Args) -> dict[str, Any]:
 
     act_fn = ActFn(student, dims, K, rtg_scale, target, device, centralised=False, sample=args.eval_sample)
     run.start(data, env, act_fn, dims=dims, modules={"nets": nets}, optimizers=opt)
+    teacher_step, student_step = run.compile(update_teacher), run.compile(update_student)  # --compile
     while run.training:
-        w = window(data.sample_sequences(args.batch_size, K))
-        if run.step < teacher_steps:  # phase 1: the centralised teacher; phase 2: the students
-            run.record(update_teacher(w, run.step))
-        else:
-            run.record(update_student(w, run.step - teacher_steps))
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            w = window(data.sample_sequences(args.batch_size, K))
+            if run.step < teacher_steps:  # phase 1: the centralised teacher; phase 2: the students
+                stats = teacher_step(w, run.step)
+            else:
+                stats = student_step(w, run.step - teacher_steps)
+        run.record(stats)
     return run.finish()
 
 

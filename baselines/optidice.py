@@ -54,6 +54,10 @@ class Args:
     """torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     threads: int = 0
     """CPU threads (0: $OMP_NUM_THREADS if set, else the fastest count, measured while training)"""
+    precision: str = "fp32"
+    """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
+    compile: bool = False
+    """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
     total_steps: int = 5_000
     """gradient updates"""
     batch_size: int = 256
@@ -288,10 +292,8 @@ def main(args: Args) -> dict:
     B = args.batch_size
     run.start(dataset, env, act_fn, dims=dims, modules={"policy": policy, "nu": nu},
               optimizers={"policy": opt_pi, "nu": opt_nu})
-    while run.training:
-        alpha = alpha_at(args, run.step)
-        b = dataset.sample(B)
-        s0 = dataset.sample_initial(B)
+
+    def update(b: dict[str, torch.Tensor], s0: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         v = nu(torch.cat([b["state"], b["next_state"], s0["state"]]))
         e = advantage(b["reward"], v[:B], v[B:2 * B], b["done"], args.gamma, nu.absorbing)
         loss_nu = nu_loss(e, v[2 * B:], alpha, args.gamma, nu.absorbing, f_abs)  # Eq. 26 (log-mean-exp)
@@ -304,8 +306,14 @@ def main(args: Args) -> dict:
         opt_pi.zero_grad(set_to_none=True)
         loss_pi.backward()
         opt_pi.step()
-        run.record({"losses/nu": loss_nu.detach(), "losses/policy": loss_pi.detach(), "charts/alpha": alpha,
-                    "charts/w_max": w.max(), "charts/w_ess": w.sum() ** 2 / w.pow(2).sum() / B})
+        return {"losses/nu": loss_nu.detach(), "losses/policy": loss_pi.detach(), "charts/alpha": alpha,
+                "charts/w_max": w.max(), "charts/w_ess": w.sum() ** 2 / w.pow(2).sum() / B}
+
+    step = run.compile(update)  # torch.compile with --compile
+    while run.training:
+        with run.autocast():  # bfloat16 matmuls with --precision bf16
+            stats = step(dataset.sample(B), dataset.sample_initial(B), alpha_at(args, run.step))
+        run.record(stats)
     return run.finish()
 
 

@@ -93,6 +93,8 @@ def validate_args(args: Any, positive: tuple[str, ...] = (), nonneg: tuple[str, 
            and math.isfinite(x)}
     for name in ("total_steps", "batch_size", "eval_every", "log_every", "eval_envs"):
         need(name, num.get(name, 1) >= 1, "at least 1")
+    if v.get("precision", "fp32") not in ("fp32", "bf16"):
+        bad.append(f"--precision must be fp32 or bf16, got {v['precision']!r}")
     for name in ("eval_episodes", "eval_episode_limit", "threads", "final_eval_episodes"):
         need(name, num.get(name, 0) >= 0, "0 or more")
     if num.get("eval_episodes", 0) > 0:
@@ -560,6 +562,33 @@ class Run:
         self._wandb = wandb.init(project=getattr(self.args, "wandb_project", "offline-marl"), name=self.dir.name,
                                  id=run_id, resume="allow", config=config, dir=str(self.dir),
                                  sync_tensorboard=True)
+
+    def autocast(self):
+        """The context of one update: ``torch.autocast`` to bfloat16 with ``--precision bf16`` (matmuls
+        and other autocast-listed ops in bf16; parameters, gradients and optimiser state stay fp32),
+        else nothing."""
+        import contextlib
+
+        if getattr(self.args, "precision", "fp32") == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def compile(self, fn: Callable) -> Callable:
+        """``--compile``: every network of the run (each module with its own ``forward``, at any depth
+        of the modules given to ``start``) is compiled in place with ``torch.compile`` (backend
+        ``inductor``, or ``$OFFLINE_MARL_COMPILE_BACKEND``, e.g. ``aot_eager`` to check the graphs
+        quickly). The update function ``fn`` itself is returned as it is: an update makes several
+        backward passes through outputs of one forward computation (e.g. ComaDICE's mixer feeds three
+        losses), which one compiled graph per update cannot do, while per-network graphs can. Call
+        after ``start`` (state dicts keep their keys)."""
+        if getattr(self.args, "compile", False):
+            backend = os.environ.get("OFFLINE_MARL_COMPILE_BACKEND", "inductor")
+            containers = (torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.ParameterList, torch.nn.ParameterDict)
+            for top in self.modules.values():
+                for m in top.modules() if isinstance(top, torch.nn.Module) else []:
+                    if not isinstance(m, containers) and type(m).forward is not torch.nn.Module.forward:
+                        m.compile(backend=backend)
+        return fn
 
     def _check_same(self, ck: dict[str, Any]) -> None:
         saved, now = ck.get("args", {}), _jsonable(self.args)
