@@ -5,8 +5,8 @@ Papers: S. Fujimoto, D. Meger, D. Precup, "Off-Policy Deep Reinforcement Learnin
 Exploration", ICML 2019 (continuous BCQ: generative VAE + perturbation, Alg. 1 there);
 S. Fujimoto, E. Conti, M. Ghavamzadeh, J. Pineau, "Benchmarking Batch Deep Reinforcement
 Learning Algorithms", 2019 (discrete BCQ: actions filtered by their relative behaviour
-probability). Made multi-agent as the OMCDA paper (../shared/papers/omcda.md, Sec. 4 and App.
-E.3) describes its BCQ-MA baseline: Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s), w_i >= 0.
+probability). Made multi-agent as the OMCDA paper (docs/omcda.md; its Sec. 4 and App. E.3)
+describes its BCQ-MA baseline: Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s), w_i >= 0.
 Reference code: none public for BCQ-MA; the BCQ parts were checked against the two papers.
 
 Because the mixer is linear with non-negative weights, the joint greedy action over each

@@ -3,7 +3,7 @@
 Docs: docs/baselines.md#cql-ma (objective, the exact joint penalty, differences, results).
 Papers: A. Kumar, A. Zhou, G. Tucker, S. Levine, "Conservative Q-Learning for Offline
 Reinforcement Learning", NeurIPS 2020 (CQL(H), Eq. 4 there); made multi-agent as the OMCDA
-paper (ICLR 2025 submission, ../shared/papers/omcda.md, Sec. 4 and App. E.3) describes its
+paper (ICLR 2025 submission, docs/omcda.md; its Sec. 4 and App. E.3) describes its
 CQL-MA baseline: Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s), w_i >= 0 (OMCDA Eq. 1).
 Reference code: none public for CQL-MA; the CQL parts were checked against the CQL paper.
 

@@ -36,7 +36,7 @@ def load_script(name: str):
 def matrix_dataset(path: Path, joint: list[tuple[int, int]], task: str = "penalty_xor", episodes: int = 20,
                    horizon: int = 50, seed: int = 0) -> Path:
     """Repeated-matrix-game episodes whose joint action is drawn uniformly from ``joint``
-    (../shared/specs/bridge-and-xor.md §1: constant observation [0, 1, 0, 1])."""
+    (docs/environments.md#matrix-games-matrix: constant observation [0, 1, 0, 1])."""
     rng = np.random.default_rng(seed)
     payoff = envs.PAYOFFS[task]
     o = np.array([0, 1, 0, 1], np.float32)
