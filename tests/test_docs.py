@@ -5,11 +5,14 @@
 - Every relative link in README.md and docs/**/*.md names a file that exists, and every
   ``#anchor`` names a heading of the target page (GitHub's anchor rules).
 """
+import dataclasses
+import math
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from _baselines_common import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTSIDE = "../" + "shared"  # spelled in two parts so that this file does not match itself
@@ -115,7 +118,7 @@ DOC_REF = re.compile(r"\bdocs/([\w./-]+\.md)(?:#([\w-]+))?")
 
 
 def test_code_points_to_docs_that_exist():
-    """Comments and docstrings name docs sections as ``docs/page.md#anchor``; each must exist."""
+    """Comments and docstrings name docs sections as ``docs/<page>.md#<anchor>``; each must exist."""
     broken = []
     for name in tracked_files():
         if not name.endswith((".py", ".toml", ".cff")):
@@ -129,3 +132,86 @@ def test_code_points_to_docs_that_exist():
                 elif anchor and anchor not in anchors(dest):
                     broken.append(f"{name}:{lineno}: docs/{page}#{anchor} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+# ------------------------------------------------------------ defaults in the docs
+ALGORITHMS = ["comadice.py", "alberdice.py", "omcda.py"] + [
+    f"baselines/{n}.py" for n in ("bc", "optidice", "omiga", "bcq", "cql", "cfcql", "icq", "omar", "madtkd")]
+TABLE_HEAD = re.compile(r"^\|\s*flag of `([^`]+)`\s*\|\s*default\s*\|")
+
+
+def cells(row: str) -> list[str]:
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
+
+
+def docs_defaults() -> dict[str, list[tuple[str, str, str]]]:
+    """file -> [(page:line, flag, value)] from every 'flag of `file` | default' table in docs/."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        lines = list(prose_lines(page.read_text(encoding="utf-8")))
+        for k, (lineno, line) in enumerate(lines):
+            m = TABLE_HEAD.match(line)
+            if not m:
+                continue
+            assert m.group(1) not in out, f"two defaults tables for {m.group(1)}"
+            rows = out.setdefault(m.group(1), [])
+            for n, row in lines[k + 2:]:  # skip the | --- | line
+                if not row.startswith("|"):
+                    break
+                flag, value = cells(row)[:2]
+                rows.append((f"{page.relative_to(ROOT)}:{n}", flag.strip("`"), value))
+    return out
+
+
+def parse_value(text: str):
+    """A table value: True / False, auto (None), a number, or a `string`."""
+    if text in ("True", "False"):
+        return text == "True"
+    if text == "auto":
+        return None
+    if text.startswith("`") and text.endswith("`"):
+        return text[1:-1]
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def args_defaults(file: str) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(load_file(file).Args)}
+
+
+def same_value(got, want) -> bool:
+    if any(isinstance(x, (bool, str)) or x is None for x in (got, want)):
+        return type(got) is type(want) and got == want
+    return math.isclose(got, want, rel_tol=1e-12)
+
+
+def test_parse_value():
+    assert parse_value("1e-3") == 0.001 and parse_value("256") == 256 and parse_value("`soft-chi2`") == "soft-chi2"
+    assert parse_value("True") is True and parse_value("auto") is None
+    with pytest.raises(ValueError):
+        parse_value("128 (official: 64)")  # a value cell holds the value only
+    assert same_value(0.001, 1e-3) and same_value(64, 64.0) and not same_value(True, 1) and not same_value(None, 0)
+
+
+@pytest.mark.parametrize("file", ALGORITHMS)
+def test_docs_state_the_defaults_of_the_code(file):
+    """Each algorithm's docs page has one defaults table; every value in it is the Args default, and
+    every flag whose default is particular to this file (not the same in all twelve) has a row."""
+    tables = docs_defaults()
+    assert file in tables, f"no 'flag of `{file}` | default' table in docs/"
+    code = args_defaults(file)
+    everyone = [args_defaults(f) for f in ALGORITHMS]
+    common = {n for n in code if all(n in d and repr(d[n]) == repr(code[n]) for d in everyone)}
+    wrong, seen = [], set()
+    for where, flag, value in tables[file]:
+        name = flag.removeprefix("--").replace("-", "_")
+        seen.add(name)
+        if name not in code:
+            wrong.append(f"{where}: {flag} is not a flag of {file}")
+            continue
+        if not same_value(parse_value(value), code[name]):
+            wrong.append(f"{where}: {flag} is documented as {value}, the code's default is {code[name]!r}")
+    missing = sorted(set(code) - common - seen)
+    assert not wrong and not missing, "\n".join(wrong + [f"{file}: --{n.replace('_', '-')} has no row" for n in missing])

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _baselines_common import load_file as load
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["comadice.py", "alberdice.py", "omcda.py", "common/behaviour.py"] + [
@@ -39,16 +38,6 @@ def sources(name: str) -> dict[str, str]:
             if isinstance(node, ast.FunctionDef) and node.name == name:
                 out[f] = ast.get_source_segment(src, node)
     return out
-
-
-def load(file: str):
-    key = "helpers_" + file.replace("/", "_").removesuffix(".py")
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, ROOT / file)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[key]
 
 
 @pytest.mark.parametrize("name", HELPERS)
