@@ -1,9 +1,12 @@
 """The documentation stands alone in a clone of the repository.
 
-- No tracked file points outside the repository to the project's private design folder
-  (the ``../shared`` path the developers use): what users need is written in docs/.
+- No tracked file points to the developers' design folder next to the repository (a user's clone
+  has none): what users need is written in docs/.
 - Every relative link in README.md and docs/**/*.md names a file that exists, and every
-  ``#anchor`` names a heading of the target page (GitHub's anchor rules).
+  ``#anchor`` names a heading of the target page (GitHub's anchor rules); so does every
+  ``docs/<page>.md#<anchor>`` that code comments and docstrings name.
+- Each algorithm file's defaults table (``| flag of `file` | default | meaning |``) states the
+  defaults of its ``Args``, with a row for every flag whose default is particular to the file.
 """
 import dataclasses
 import math
