@@ -130,12 +130,24 @@ class Args:
 
 
 # ============================================================ pure functions
-NEG = -1e10  # logit of an unavailable action: finite, so 0 * log-prob stays 0
+NEG = -1e10  # e-value of an unavailable action in the CQL log-sum-exp: finite, so no row gives -inf
 
 
-def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
-    """log pi over the available actions (unavailable ones get ~-1e10)."""
-    return torch.log_softmax(logits.masked_fill(~avail, NEG), dim=-1)
+def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of the categorical policy softmax(logits) restricted to the available actions, ``[..., K]``.
+
+    ``avail [..., K]`` marks the available actions. ``keep [...]`` (optional, one action index per
+    row, e.g. the dataset's) counts as available, so its log-probability is finite even where the
+    data marks it unavailable. A row with no available action counts as all-available (a
+    distribution, never NaN). The softmax is taken with -inf at the unavailable actions; they then
+    get the log-probability -1e4, set after the softmax: probability exactly 0 in any float type,
+    gradient exactly 0, and the log-ratio of two such entries exactly 0 (never the difference of
+    two large rounded numbers, as a finite fill before the softmax would give)."""
+    if keep is not None:
+        avail = avail.scatter(-1, keep.unsqueeze(-1), True)
+    avail = avail | ~avail.any(-1, keepdim=True)
+    logp = logits.masked_fill(~avail, float("-inf")).log_softmax(-1)
+    return logp.masked_fill(~avail, -1e4)
 
 
 def alpha_at(args: Args, step: int) -> float:
@@ -281,11 +293,12 @@ class ARDataPolicy(nn.Module):
         self.register_buffer("prev", torch.tril(torch.ones(N - 1, max(N - 2, 0)), diagonal=-1), persistent=False)
 
     def log_prob(self, state: torch.Tensor, actions: torch.Tensor, cand: torch.Tensor, avail: torch.Tensor,
-                 agents: list[int] | None = None) -> torch.Tensor:
+                 agents: list[int] | None = None, keep: bool = False) -> torch.Tensor:
         """log pi_{-i}^D(cand | s, a_i) for each agent i in ``agents`` (default all).
 
         ``state [B, S]``, ``actions [B, N]`` (a_i is read from here), ``cand [C, B, M, N-1]``: C candidate
-        joint actions of the other agents (index order), ``avail [B, N, K]``. Returns ``[C, B, M]``."""
+        joint actions of the other agents (index order), ``avail [B, N, K]``. With ``keep`` the
+        dataset's actions of the other agents count as available. Returns ``[C, B, M]``."""
         agents = list(range(self.N)) if agents is None else list(agents)
         N, K = self.N, self.K
         C, B, M = cand.shape[0], state.shape[0], len(agents)
@@ -299,7 +312,8 @@ class ARDataPolicy(nn.Module):
         x = x.permute(2, 0, 1, 3, 4).reshape(M, C * B * (N - 1), -1)
         logits = self.net(x, agents).view(M, C, B, N - 1, K).permute(1, 2, 0, 3, 4)
         av = avail[:, oth]  # [B, M, N-1, K]
-        logp = masked_log_softmax(logits, av.unsqueeze(0).expand_as(logits))
+        kept = actions[:, oth].expand(C, B, M, N - 1) if keep else None
+        logp = masked_log_softmax(logits, av.unsqueeze(0).expand_as(logits), kept)
         return logp.gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
@@ -353,11 +367,13 @@ class AlberDICE(nn.Module):
         self.e = AgentMLP(n_agents, state_dim + n_actions, 1, hidden)  # e_i(s, a_i): input (s, one-hot a_i)
         self.register_buffer("eye", torch.eye(n_actions), persistent=False)
 
-    def policy_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None) -> torch.Tensor:
-        """``obs [B, N, o]``, ``avail [B, N, K]`` -> log pi ``[B, M, K]`` for the agents listed."""
+    def policy_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``obs [B, N, o]``, ``avail [B, N, K]`` -> log pi ``[B, M, K]`` for the agents listed; the
+        actions ``keep [B, N]`` (the dataset's) count as available."""
         idx = slice(None) if agents is None else agents
         logits = self.policy(per_agent(obs[:, idx]), agents)
-        return masked_log_softmax(per_agent(logits), avail[:, idx])
+        return masked_log_softmax(per_agent(logits), avail[:, idx], None if keep is None else keep[:, idx])
 
     def e_all(self, state: torch.Tensor, i: int) -> torch.Tensor:
         """e_i(s, a) for every action a: ``state [B, S] -> [B, K]`` (one batched forward of the K inputs)."""
@@ -365,10 +381,11 @@ class AlberDICE(nn.Module):
         x = torch.cat([state.unsqueeze(1).expand(B, K, -1), self.eye.expand(B, K, K)], -1)
         return self.e(x.view(1, B * K, -1), [i]).view(B, K)
 
-    def data_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None) -> torch.Tensor:
+    def data_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
         idx = slice(None) if agents is None else agents
         logits = self.data_policy(per_agent(obs[:, idx]), agents)
-        return masked_log_softmax(per_agent(logits), avail[:, idx])
+        return masked_log_softmax(per_agent(logits), avail[:, idx], None if keep is None else keep[:, idx])
 
 
 # ============================================================ training parts
@@ -392,10 +409,10 @@ def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | Non
                mininterval=2.0, disable=run is None)
     for step in bar:
         b = dataset.sample(args.batch_size)
-        logp = model.data_logp(b["obs"], b["avail"])  # [B, N, K]
+        logp = model.data_logp(b["obs"], b["avail"], keep=b["actions"])  # [B, N, K]
         loss_d = -logp.gather(-1, b["actions"].unsqueeze(-1)).mean()  # Eq. 44, mean over agents
         cand = b["actions"][:, model.ar.others].unsqueeze(0)  # [1, B, N, N-1]: teacher forcing on the data
-        loss_ar = -model.ar.log_prob(b["state"], b["actions"], cand, b["avail"]).mean()  # Eq. 45, mean over i
+        loss_ar = -model.ar.log_prob(b["state"], b["actions"], cand, b["avail"], keep=True).mean()  # Eq. 45, mean/i
         opt.zero_grad(set_to_none=True)
         (loss_d + loss_ar).backward()
         opt.step()
@@ -415,11 +432,11 @@ def dataset_log_probs(model: AlberDICE, dataset, which: str, chunk: int = 1 << 1
     for lo in range(0, rows.numel(), chunk):
         b = dataset.transitions(rows[lo: lo + chunk])
         if which == "policy":
-            lp = model.policy_logp(b["obs"], b["avail"])
+            lp = model.policy_logp(b["obs"], b["avail"], keep=b["actions"])
             out.append(lp.gather(-1, b["actions"].unsqueeze(-1)).squeeze(-1))
         else:
             cand = b["actions"][:, model.ar.others].unsqueeze(0)
-            out.append(model.ar.log_prob(b["state"], b["actions"], cand, b["avail"])[0])
+            out.append(model.ar.log_prob(b["state"], b["actions"], cand, b["avail"], keep=True)[0])
     return torch.cat(out)
 
 
@@ -433,14 +450,15 @@ def kl_term(model: AlberDICE, x: dict, i: int, estimator: str, n_samples: int, g
     'sample': log rho_i(x) = log pi_{-i}(a_{-i}|s) / pi_{-i}^D(a_{-i}|s, a_i) at the dataset's a_{-i} (Eq. 8).
     Both agree in expectation over D_rho_i only where pi_{-i} stays inside the support of
     pi_{-i}^D(.|s, a_i); outside it 'sample' misses the (large) penalty: see docs/alberdice.md."""
-    logp_all = model.policy_logp(x["obs"], x["avail"])
     if estimator == "policy":
+        logp_all = model.policy_logp(x["obs"], x["avail"])
         return others_kl(logp_all, model.ar, x["state"], x["actions"], x["avail"], i, n_samples, gen, all_actions)
     if all_actions:
         return None
-    lp = logp_all.gather(-1, x["actions"].unsqueeze(-1)).squeeze(-1)  # [B, N]
+    lp = model.policy_logp(x["obs"], x["avail"], keep=x["actions"]).gather(-1, x["actions"].unsqueeze(-1)).squeeze(-1)
     cand = x["actions"][:, model.ar.others[i]][None, :, None, :]
-    return (lp.sum(-1) - lp[:, i]) - model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i])[0, :, 0]
+    logp_data = model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i], keep=True)[0, :, 0]
+    return (lp.sum(-1) - lp[:, i]) - logp_data
 
 
 def e_values(model: AlberDICE, state: torch.Tensor, i: int, alpha: float, kl_all: torch.Tensor | None) -> torch.Tensor:

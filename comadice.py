@@ -287,23 +287,37 @@ def policy_loss(weights: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     return -(weights.detach().unsqueeze(-1) * log_prob).mean()
 
 
-EPS = 1e-6  # dataset actions at +-1 are moved to +-(1 - EPS) before atanh
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor | None = None,
+                           pre_tanh: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of a = tanh(u), u ~ N(mean, exp(log_std)^2) per dimension, summed over the last dimension:
 
+        log pi(a) = sum_d [ log N(u_d; mean_d, exp(log_std_d)^2) - log(1 - tanh(u_d)^2) ],   u = atanh(a),
+        log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))   (exact, and finite for every u).
 
-def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """log pi(a) of a = tanh(u), u ~ N(mean, std), summed over the last dimension.
-
-    log pi(a) = log N(atanh(a)) - sum log(1 - a^2), with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))."""
-    a = action.clamp(-1 + EPS, 1 - EPS)
-    u = torch.atanh(a)
-    normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    Give ``action`` (e.g. the dataset's; clamped to +-(1 - 1e-6) first, so that an action on the
+    edge of the box has a finite value and gradient) or the sampled ``pre_tanh`` u itself (exact
+    even where tanh(u) rounds to +-1)."""
+    u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6)) if pre_tanh is None else pre_tanh
+    log_normal = -0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
     log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
-    return (normal - log_det).sum(-1)
+    return (log_normal - log_det).sum(-1)
 
 
-def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the available actions only (unavailable ones get probability 0)."""
-    return torch.log_softmax(logits.masked_fill(~avail, -1e9), dim=-1)
+def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of the categorical policy softmax(logits) restricted to the available actions, ``[..., K]``.
+
+    ``avail [..., K]`` marks the available actions. ``keep [...]`` (optional, one action index per
+    row, e.g. the dataset's) counts as available, so its log-probability is finite even where the
+    data marks it unavailable. A row with no available action counts as all-available (a
+    distribution, never NaN). The softmax is taken with -inf at the unavailable actions; they then
+    get the log-probability -1e4, set after the softmax: probability exactly 0 in any float type,
+    gradient exactly 0, and the log-ratio of two such entries exactly 0 (never the difference of
+    two large rounded numbers, as a finite fill before the softmax would give)."""
+    if keep is not None:
+        avail = avail.scatter(-1, keep.unsqueeze(-1), True)
+    avail = avail | ~avail.any(-1, keepdim=True)
+    logp = logits.masked_fill(~avail, float("-inf")).log_softmax(-1)
+    return logp.masked_fill(~avail, -1e4)
 
 
 # ====================================================================== networks
@@ -344,8 +358,7 @@ class Policy(nn.Module):
     def log_prob(self, obs: torch.Tensor, avail: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi_i(a_i | o_i), [B, N]. A dataset action marked unavailable is kept available."""
         if self.discrete:
-            taken = F.one_hot(actions, avail.shape[-1]).bool()
-            logp = masked_log_softmax(self.net(obs), avail | taken)
+            logp = masked_log_softmax(self.net(obs), avail, keep=actions)
             return logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         mean, log_std = self._gaussian(obs)
         return tanh_gaussian_log_prob(mean, log_std, actions / self.action_scale)

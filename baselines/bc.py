@@ -94,11 +94,21 @@ class Args:
 
 
 # ============================================================ pure functions
-NEG = -1e10
+def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of the categorical policy softmax(logits) restricted to the available actions, ``[..., K]``.
 
-
-def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.masked_fill(~avail, NEG), dim=-1)
+    ``avail [..., K]`` marks the available actions. ``keep [...]`` (optional, one action index per
+    row, e.g. the dataset's) counts as available, so its log-probability is finite even where the
+    data marks it unavailable. A row with no available action counts as all-available (a
+    distribution, never NaN). The softmax is taken with -inf at the unavailable actions; they then
+    get the log-probability -1e4, set after the softmax: probability exactly 0 in any float type,
+    gradient exactly 0, and the log-ratio of two such entries exactly 0 (never the difference of
+    two large rounded numbers, as a finite fill before the softmax would give)."""
+    if keep is not None:
+        avail = avail.scatter(-1, keep.unsqueeze(-1), True)
+    avail = avail | ~avail.any(-1, keepdim=True)
+    logp = logits.masked_fill(~avail, float("-inf")).log_softmax(-1)
+    return logp.masked_fill(~avail, -1e4)
 
 
 def gaussian_log_prob(out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -113,7 +123,7 @@ def bc_loss(out: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor, discr
     """Negative log-likelihood of the dataset actions, mean over rows and agents.
     ``out [B, N, K]`` logits (discrete) or ``[B, N, 2A]`` Gaussian parameters (continuous)."""
     if discrete:
-        return -masked_log_softmax(out, avail).gather(-1, actions.unsqueeze(-1)).mean()
+        return -masked_log_softmax(out, avail, keep=actions).gather(-1, actions.unsqueeze(-1)).mean()
     return -gaussian_log_prob(out, actions).mean()
 
 

@@ -5,8 +5,8 @@ Papers: S. Fujimoto, D. Meger, D. Precup, "Off-Policy Deep Reinforcement Learnin
 Exploration", ICML 2019 (continuous BCQ: generative VAE + perturbation, Alg. 1 there);
 S. Fujimoto, E. Conti, M. Ghavamzadeh, J. Pineau, "Benchmarking Batch Deep Reinforcement
 Learning Algorithms", 2019 (discrete BCQ: actions filtered by their relative behaviour
-probability). Made multi-agent as the OMCDA paper (../shared/papers/omcda.md, Sec. 4 and App.
-E.3) describes its BCQ-MA baseline: Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s), w_i >= 0.
+probability). Made multi-agent as the OMCDA paper (docs/omcda.md; its Sec. 4 and App. E.3)
+describes its BCQ-MA baseline: Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s), w_i >= 0.
 Reference code: none public for BCQ-MA; the BCQ parts were checked against the two papers.
 
 Because the mixer is linear with non-negative weights, the joint greedy action over each
@@ -119,7 +119,7 @@ def bcq_filter(logits: torch.Tensor, avail: torch.Tensor, threshold: float) -> t
     """Eq. B1: the actions agent i may take, ``avail & G_i(a|o_i) / max_a' G_i(a'|o_i) >= threshold``
     with G_i the behaviour model (masked softmax of ``logits [..., K]``). The behaviour's most
     likely available action always passes; threshold 0 allows every available action."""
-    logp = F.log_softmax(logits.masked_fill(~avail, -1e10), -1)
+    logp = masked_log_softmax(logits, avail)
     ratio = logp - logp.max(-1, keepdim=True).values
     return avail & (ratio >= math.log(threshold) if threshold > 0 else torch.ones_like(avail))
 
@@ -151,6 +151,23 @@ def with_agent_id(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-2]
     eye = torch.eye(n, device=x.device, dtype=x.dtype).expand(*x.shape[:-1], n)
     return torch.cat([x, eye], dim=-1)
+
+
+def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of the categorical policy softmax(logits) restricted to the available actions, ``[..., K]``.
+
+    ``avail [..., K]`` marks the available actions. ``keep [...]`` (optional, one action index per
+    row, e.g. the dataset's) counts as available, so its log-probability is finite even where the
+    data marks it unavailable. A row with no available action counts as all-available (a
+    distribution, never NaN). The softmax is taken with -inf at the unavailable actions; they then
+    get the log-probability -1e4, set after the softmax: probability exactly 0 in any float type,
+    gradient exactly 0, and the log-ratio of two such entries exactly 0 (never the difference of
+    two large rounded numbers, as a finite fill before the softmax would give)."""
+    if keep is not None:
+        avail = avail.scatter(-1, keep.unsqueeze(-1), True)
+    avail = avail | ~avail.any(-1, keepdim=True)
+    logp = logits.masked_fill(~avail, float("-inf")).log_softmax(-1)
+    return logp.masked_fill(~avail, -1e4)
 
 
 # =================================================================== networks
@@ -329,7 +346,7 @@ def main(args: Args) -> dict[str, Any]:
         q_tot = mixer(q(x).gather(-1, a.unsqueeze(-1)).squeeze(-1), b["state"])
         td = F.smooth_l1_loss(q_tot, y)
         logits = imit(x)
-        bc = F.cross_entropy(logits.masked_fill(~b["avail"], -1e10).flatten(0, -2), a.flatten())
+        bc = -masked_log_softmax(logits, b["avail"], keep=a).gather(-1, a.unsqueeze(-1)).mean()
         step_on("critic", td + bc + 1e-2 * logits.pow(2).mean())  # Eq. B1 behaviour model + BCQ's logit penalty
         polyak(nets["q_target"], q, args.tau)
         polyak(nets["mixer_target"], mixer, args.tau)

@@ -165,7 +165,7 @@ def cfcql_penalty(cf_q_tot: torch.Tensor, q_tot_data: torch.Tensor, lam: torch.T
 def counterfactual_kl(cf_q_tot: torch.Tensor, behaviour_logp: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
     """Agent i's deviation in the discrete reference: KL(softmax_{a_i} Q_tot(s, a_i, a_-i^D) || beta_i(.|o_i)),
     ``[B, N, K] -> [B, N]``, over the available actions."""
-    logmu = F.log_softmax(cf_q_tot.masked_fill(~avail, float("-inf")), -1)
+    logmu = masked_log_softmax(cf_q_tot, avail)
     terms = torch.where(avail, logmu.exp() * (logmu - behaviour_logp), torch.zeros_like(logmu))
     return terms.sum(-1)
 
@@ -183,16 +183,42 @@ def with_agent_id(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, eye], dim=-1)
 
 
+def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of the categorical policy softmax(logits) restricted to the available actions, ``[..., K]``.
+
+    ``avail [..., K]`` marks the available actions. ``keep [...]`` (optional, one action index per
+    row, e.g. the dataset's) counts as available, so its log-probability is finite even where the
+    data marks it unavailable. A row with no available action counts as all-available (a
+    distribution, never NaN). The softmax is taken with -inf at the unavailable actions; they then
+    get the log-probability -1e4, set after the softmax: probability exactly 0 in any float type,
+    gradient exactly 0, and the log-ratio of two such entries exactly 0 (never the difference of
+    two large rounded numbers, as a finite fill before the softmax would give)."""
+    if keep is not None:
+        avail = avail.scatter(-1, keep.unsqueeze(-1), True)
+    avail = avail | ~avail.any(-1, keepdim=True)
+    logp = logits.masked_fill(~avail, float("-inf")).log_softmax(-1)
+    return logp.masked_fill(~avail, -1e4)
+
+
 def greedy(q_all: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
     """Per-agent masked argmax (the joint argmax of a monotonic mixer)."""
     return q_all.masked_fill(~avail, float("-inf")).argmax(-1)
 
 
-def gaussian_tanh_logp(mu: torch.Tensor, log_std: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """log-density of a in (-1, 1)^d under tanh(N(mu, std^2))."""
-    u = torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6))
-    logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-    return logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor | None = None,
+                           pre_tanh: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of a = tanh(u), u ~ N(mean, exp(log_std)^2) per dimension, summed over the last dimension:
+
+        log pi(a) = sum_d [ log N(u_d; mean_d, exp(log_std_d)^2) - log(1 - tanh(u_d)^2) ],   u = atanh(a),
+        log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))   (exact, and finite for every u).
+
+    Give ``action`` (e.g. the dataset's; clamped to +-(1 - 1e-6) first, so that an action on the
+    edge of the box has a finite value and gradient) or the sampled ``pre_tanh`` u itself (exact
+    even where tanh(u) rounds to +-1)."""
+    u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6)) if pre_tanh is None else pre_tanh
+    log_normal = -0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
+    return (log_normal - log_det).sum(-1)
 
 
 # =================================================================== networks
@@ -263,7 +289,7 @@ class GaussianBehaviour(nn.Module):
 
     def log_prob(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         mu, log_std = self.net(x).chunk(2, -1)
-        return gaussian_tanh_logp(mu.clamp(-9, 9), log_std.clamp(-5, 2), a)
+        return tanh_gaussian_log_prob(mu.clamp(-9, 9), log_std.clamp(-5, 2), a)
 
 
 def build_networks(args: Args, dims: dict[str, Any]) -> nn.ModuleDict:
@@ -356,15 +382,15 @@ def main(args: Args) -> dict[str, Any]:
         nn.utils.clip_grad_norm_(groups[key], clip)
         opt[key].step()
 
-    def behaviour_logp(x: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(nets["behaviour"](x).masked_fill(~avail, -1e10), -1)
+    def behaviour_logp(x: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_log_softmax(nets["behaviour"](x), avail, keep)
 
     if temp != 0 and not run.progress.get("behaviour_done"):  # beta_i by behaviour cloning, then frozen
         for _ in tqdm(range(args.behaviour_steps), desc="behaviour model", mininterval=2.0, dynamic_ncols=True):
             b = data.sample(args.batch_size)
             x = with_agent_id(b["obs"])
             if discrete:
-                nll = -behaviour_logp(x, b["avail"]).gather(-1, b["actions"].unsqueeze(-1)).mean()
+                nll = -behaviour_logp(x, b["avail"], b["actions"]).gather(-1, b["actions"].unsqueeze(-1)).mean()
             else:
                 nll = -nets["behaviour"].log_prob(x, b["actions"]).mean()
             step_on("behaviour", nll, args.grad_clip)

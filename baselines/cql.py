@@ -3,7 +3,7 @@
 Docs: docs/baselines.md#cql-ma (objective, the exact joint penalty, differences, results).
 Papers: A. Kumar, A. Zhou, G. Tucker, S. Levine, "Conservative Q-Learning for Offline
 Reinforcement Learning", NeurIPS 2020 (CQL(H), Eq. 4 there); made multi-agent as the OMCDA
-paper (ICLR 2025 submission, ../shared/papers/omcda.md, Sec. 4 and App. E.3) describes its
+paper (ICLR 2025 submission, docs/omcda.md; its Sec. 4 and App. E.3) describes its
 CQL-MA baseline: Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s), w_i >= 0 (OMCDA Eq. 1).
 Reference code: none public for CQL-MA; the CQL parts were checked against the CQL paper.
 
@@ -162,6 +162,22 @@ def with_agent_id(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, eye], dim=-1)
 
 
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor | None = None,
+                           pre_tanh: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of a = tanh(u), u ~ N(mean, exp(log_std)^2) per dimension, summed over the last dimension:
+
+        log pi(a) = sum_d [ log N(u_d; mean_d, exp(log_std_d)^2) - log(1 - tanh(u_d)^2) ],   u = atanh(a),
+        log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))   (exact, and finite for every u).
+
+    Give ``action`` (e.g. the dataset's; clamped to +-(1 - 1e-6) first, so that an action on the
+    edge of the box has a finite value and gradient) or the sampled ``pre_tanh`` u itself (exact
+    even where tanh(u) rounds to +-1)."""
+    u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6)) if pre_tanh is None else pre_tanh
+    log_normal = -0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
+    return (log_normal - log_det).sum(-1)
+
+
 def greedy(q_all: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
     """Per-agent masked argmax: the joint argmax of a linear mixer with w_i >= 0."""
     return q_all.masked_fill(~avail, float("-inf")).argmax(-1)
@@ -230,8 +246,7 @@ class GaussianActor(nn.Module):
         """A reparameterised action and its log-density (tanh change of variables), ``[..., d], [...]``."""
         mu, log_std = self(x)
         u = mu + log_std.exp() * torch.randn_like(mu)
-        logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        return torch.tanh(u), logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), tanh_gaussian_log_prob(mu, log_std, pre_tanh=u)
 
     def mode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self(x)[0])

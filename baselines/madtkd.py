@@ -148,6 +148,23 @@ def relation_matrix(h: torch.Tensor) -> torch.Tensor:
     return u @ u.transpose(-1, -2)
 
 
+def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of the categorical policy softmax(logits) restricted to the available actions, ``[..., K]``.
+
+    ``avail [..., K]`` marks the available actions. ``keep [...]`` (optional, one action index per
+    row, e.g. the dataset's) counts as available, so its log-probability is finite even where the
+    data marks it unavailable. A row with no available action counts as all-available (a
+    distribution, never NaN). The softmax is taken with -inf at the unavailable actions; they then
+    get the log-probability -1e4, set after the softmax: probability exactly 0 in any float type,
+    gradient exactly 0, and the log-ratio of two such entries exactly 0 (never the difference of
+    two large rounded numbers, as a finite fill before the softmax would give)."""
+    if keep is not None:
+        avail = avail.scatter(-1, keep.unsqueeze(-1), True)
+    avail = avail | ~avail.any(-1, keepdim=True)
+    logp = logits.masked_fill(~avail, float("-inf")).log_softmax(-1)
+    return logp.masked_fill(~avail, -1e4)
+
+
 def distillation_losses(s_out: torch.Tensor, t_out: torch.Tensor, s_feat: torch.Tensor, t_feat: torch.Tensor,
                         avail: torch.Tensor, mask: torch.Tensor, discrete: bool) -> dict[str, torch.Tensor]:
     """Eq. K2's three distillation terms, averaged over the valid steps ``mask [B, T]``:
@@ -158,8 +175,7 @@ def distillation_losses(s_out: torch.Tensor, t_out: torch.Tensor, s_feat: torch.
     m = mask.float()
     n_valid = m.sum().clamp(min=1.0)
     if discrete:
-        logp_t = F.log_softmax(t_out.masked_fill(~avail, -1e10), -1)
-        logp_s = F.log_softmax(s_out.masked_fill(~avail, -1e10), -1)
+        logp_t, logp_s = masked_log_softmax(t_out, avail), masked_log_softmax(s_out, avail)
         per = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean(-1)
     else:
         per = ((s_out - t_out) ** 2).sum(-1).mean(-1)
@@ -175,7 +191,7 @@ def bc_loss(out: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor, mask:
     available actions; continuous: squared error of the predicted action), mean over valid steps."""
     m = mask.float()
     if discrete:
-        logp = F.log_softmax(out.masked_fill(~avail, -1e10), -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        logp = masked_log_softmax(out, avail, keep=actions).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         per = -logp.mean(-1)
     else:
         per = ((out - actions) ** 2).sum(-1).mean(-1)

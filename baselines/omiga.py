@@ -164,6 +164,39 @@ def masked_logits(logits: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~avail, -1e10)
 
 
+def masked_log_softmax(logits: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of the categorical policy softmax(logits) restricted to the available actions, ``[..., K]``.
+
+    ``avail [..., K]`` marks the available actions. ``keep [...]`` (optional, one action index per
+    row, e.g. the dataset's) counts as available, so its log-probability is finite even where the
+    data marks it unavailable. A row with no available action counts as all-available (a
+    distribution, never NaN). The softmax is taken with -inf at the unavailable actions; they then
+    get the log-probability -1e4, set after the softmax: probability exactly 0 in any float type,
+    gradient exactly 0, and the log-ratio of two such entries exactly 0 (never the difference of
+    two large rounded numbers, as a finite fill before the softmax would give)."""
+    if keep is not None:
+        avail = avail.scatter(-1, keep.unsqueeze(-1), True)
+    avail = avail | ~avail.any(-1, keepdim=True)
+    logp = logits.masked_fill(~avail, float("-inf")).log_softmax(-1)
+    return logp.masked_fill(~avail, -1e4)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor | None = None,
+                           pre_tanh: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of a = tanh(u), u ~ N(mean, exp(log_std)^2) per dimension, summed over the last dimension:
+
+        log pi(a) = sum_d [ log N(u_d; mean_d, exp(log_std_d)^2) - log(1 - tanh(u_d)^2) ],   u = atanh(a),
+        log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))   (exact, and finite for every u).
+
+    Give ``action`` (e.g. the dataset's; clamped to +-(1 - 1e-6) first, so that an action on the
+    edge of the box has a finite value and gradient) or the sampled ``pre_tanh`` u itself (exact
+    even where tanh(u) rounds to +-1)."""
+    u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6)) if pre_tanh is None else pre_tanh
+    log_normal = -0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
+    return (log_normal - log_det).sum(-1)
+
+
 # =================================================================== networks
 def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -217,11 +250,8 @@ class Policy(nn.Module):
 
     def log_prob(self, x: torch.Tensor, a: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
         if self.discrete:
-            return F.log_softmax(masked_logits(self.net(x), avail), -1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
-        mu, log_std = self._gauss(x)
-        u = torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6))
-        logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        return logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # tanh change of variables
+            return masked_log_softmax(self.net(x), avail, keep=a).gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        return tanh_gaussian_log_prob(*self._gauss(x), a)
 
     def act(self, x: torch.Tensor, avail: torch.Tensor, sample: bool, gen: torch.Generator | None = None):
         if self.discrete:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -115,6 +116,22 @@ def split_actions(joint: np.ndarray, n_agents: int) -> np.ndarray:
     return joint.reshape(joint.shape[:-1] + (n_agents, joint.shape[-1] // n_agents))
 
 
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor | None = None,
+                           pre_tanh: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a) of a = tanh(u), u ~ N(mean, exp(log_std)^2) per dimension, summed over the last dimension:
+
+        log pi(a) = sum_d [ log N(u_d; mean_d, exp(log_std_d)^2) - log(1 - tanh(u_d)^2) ],   u = atanh(a),
+        log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))   (exact, and finite for every u).
+
+    Give ``action`` (e.g. the dataset's; clamped to +-(1 - 1e-6) first, so that an action on the
+    edge of the box has a finite value and gradient) or the sampled ``pre_tanh`` u itself (exact
+    even where tanh(u) rounds to +-1)."""
+    u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6)) if pre_tanh is None else pre_tanh
+    log_normal = -0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2 * (math.log(2) - u - F.softplus(-2 * u))
+    return (log_normal - log_det).sum(-1)
+
+
 # =================================================================== networks
 class Actor(nn.Module):
     """Tanh-squashed Gaussian policy pi(a|s) of SAC (appendix C of arXiv:1812.05905)."""
@@ -133,11 +150,8 @@ class Actor(nn.Module):
             return torch.tanh(mean), None
         std = log_std.exp()
         u = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        # log N(u; mean, std) - sum log(1 - tanh(u)^2), the change of variables of appendix C;
-        # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) is the stable form.
-        logp = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
-        logp = logp - (2.0 * (np.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
-        return torch.tanh(u), logp
+        # the change of variables of appendix C, in its stable form
+        return torch.tanh(u), tanh_gaussian_log_prob(mean, log_std, pre_tanh=u)
 
 
 class TwinQ(nn.Module):

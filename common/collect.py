@@ -4,7 +4,7 @@ Subcommands::
 
     recipe   a named dataset (env, task, quality) from ``RECIPES``, e.g. the
              Penalty-XOR datasets a-d and Bridge optimal / mix of AlberDICE
-             (../shared/specs/bridge-and-xor.md), regenerated from their rules
+             (docs/datasets.md#the-original-alberdice-datasets), regenerated from their rules
     random   uniform-random episodes in any environment ``make_env`` supports
     policy   rollouts of a saved policy, with optional action noise: an algorithm
              checkpoint with ``--algo FILE.py`` (whose ``load_policy(checkpoint,
@@ -89,7 +89,8 @@ class UniformPolicy:
 class JointSupportPolicy:
     """Every step, the joint action is drawn uniformly from ``support`` (a list of
     joint actions): the agents are correlated through the joint draw and the steps
-    are independent. This is how the Penalty-XOR datasets were made (spec §1)."""
+    are independent. This is how the Penalty-XOR datasets were made
+    (docs/datasets.md#the-original-alberdice-datasets)."""
 
     def __init__(self, support: Sequence[Sequence[int]], rng: np.random.Generator):
         self.support, self.rng = np.asarray(support, dtype=np.int64), rng
@@ -225,10 +226,10 @@ def episodes_to_dataset(env: MultiAgentEnv, episodes: list[dict[str, Any]], qual
 
 
 # ============================================================ small-game recipes
-# ../shared/specs/bridge-and-xor.md: the AlberDICE datasets, regenerated from their rules.
+# The AlberDICE datasets, regenerated from their rules: docs/datasets.md#the-original-alberdice-datasets.
 DATA_EPISODE_LIMIT = 50  # both games' datasets were generated with 50-step episodes
 
-# Penalty-XOR (spec §1): the joint action of every step i.i.d. uniform over the support; 0 = A, 1 = B.
+# Penalty-XOR: the joint action of every step i.i.d. uniform over the support; 0 = A, 1 = B.
 XOR_SUPPORTS = {
     "a": ((0, 1),),                          # {AB}            original folder buffer_02
     "b": ((0, 1), (1, 0)),                   # {AB, BA}        buffer_02_20
@@ -246,7 +247,7 @@ def xor_dataset(task: str, quality: str, seed: int = 0) -> OfflineDataset:
     return episodes_to_dataset(env, eps, quality, dict(policy=f"joint action uniform over {list(XOR_SUPPORTS[quality])}"))
 
 
-# Bridge (spec §2, "Datasets"). Routes are written in the frame where agent 0 crosses
+# Bridge optimal / mix (the routes: same docs section). Routes are written in the frame where agent 0 crosses
 # first; when agent 1 crosses first, everything is the point reflection
 # (r, c) -> (2 - r, 5 - c) with the agents' roles swapped (the reflection maps each
 # agent's start and goal onto the other's).
@@ -315,7 +316,7 @@ class BridgeCrossingPolicy:
 
 
 def bridge_optimal_dataset(seed: int = 0) -> OfflineDataset:
-    """Bridge (hard) ``optimal``: 500 episodes of the scripted crossing (spec §2)."""
+    """Bridge (hard) ``optimal``: 500 episodes of the scripted crossing (docs/datasets.md#the-original-alberdice-datasets)."""
     env = make_env("bridge", "hard", episode_limit=DATA_EPISODE_LIMIT)
     eps = rollout(env, BridgeCrossingPolicy(_rng(seed, "bridge-optimal")), BRIDGE_EPISODES, seed=seed,
                   desc="bridge/hard/optimal")
@@ -325,7 +326,7 @@ def bridge_optimal_dataset(seed: int = 0) -> OfflineDataset:
                 not (final[[0, 1, 4, 5]] == BRIDGE_GOALS.reshape(-1)).all():
             raise RuntimeError(f"scripted Bridge episode {e} did not cross in 8 steps (ended at {final})")
     return episodes_to_dataset(env, eps, "optimal", dict(
-        policy="scripted optimal crossing (either agent first, 1/2 each), spec bridge-and-xor.md §2"))
+        policy="scripted optimal crossing (either agent first, 1/2 each), docs/datasets.md#the-original-alberdice-datasets"))
 
 
 def bridge_random_dataset(task: str = "hard", seed: int = 0, quality: str = "random") -> OfflineDataset:

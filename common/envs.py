@@ -79,7 +79,7 @@ def _check_options(env: str, cls: type, options: dict[str, Any]) -> None:
 
 # =============================================================== matrix games
 PAYOFFS = {
-    # rows: agent 0's action, columns: agent 1's (0 = A, 1 = B); ../shared/specs/bridge-and-xor.md §1
+    # rows: agent 0's action, columns: agent 1's (0 = A, 1 = B); docs/environments.md#matrix-games-matrix
     "penalty_xor": np.array([[0.0, 1.0], [1.0, -2.0]], dtype=np.float32),
     "xor": np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32),
 }
@@ -117,8 +117,8 @@ class MatrixGame(MultiAgentEnv):
 
 
 # ===================================================================== bridge
-# Bridge (Fu et al. 2022; AlberDICE's "Bridge (Hard)"), exactly per
-# ../shared/specs/bridge-and-xor.md §2. A 3 x 6 grid, cells (row, col), row 0 on top:
+# Bridge (Fu et al. 2022; AlberDICE's "Bridge (Hard)"), exactly the rules of
+# docs/environments.md#bridge-step-function. A 3 x 6 grid, cells (row, col), row 0 on top:
 #
 #        c0  c1  c2  c3  c4  c5
 #   r0   G1  .   #   #   .   .
@@ -138,7 +138,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def bridge_move(pos: np.ndarray, done: np.ndarray, actions: np.ndarray) -> np.ndarray:
-    """The Bridge movement rules (spec §2, steps 1-4), vectorised over any batch shape.
+    """The Bridge movement rules (docs/environments.md#bridge-step-function, steps 1-4), vectorised over any batch shape.
 
     ``pos [..., 2, 2]`` (agent, (row, col)) integers, ``done [..., 2]`` bool (the done
     flags from earlier steps), ``actions [..., 2]`` in 0..4. Returns the new positions."""
@@ -198,7 +198,7 @@ def _bridge_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 def bridge_step(pos: np.ndarray, done: np.ndarray, t: np.ndarray | int, actions: np.ndarray, episode_limit: int):
-    """One full Bridge step (spec §2, steps 1-6), vectorised over any batch shape.
+    """One full Bridge step (docs/environments.md#bridge-step-function, steps 1-6), vectorised over any batch shape.
 
     ``pos [..., 2, 2]``, ``done [..., 2]`` and ``actions [..., 2]`` as in
     ``bridge_move``; ``t`` is the number of steps taken before this one. Returns
@@ -231,7 +231,7 @@ def bridge_observation(pos: np.ndarray) -> np.ndarray:
 
 
 class Bridge(MultiAgentEnv):
-    """Two agents cross a one-lane bridge in opposite directions (spec §2).
+    """Two agents cross a one-lane bridge in opposite directions (docs/environments.md#bridge-bridge).
 
     ``task="hard"`` starts both agents on the bridge, facing each other (the
     AlberDICE paper's Bridge); ``"easy"`` starts them at (1,1) and (1,4). Both

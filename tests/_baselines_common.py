@@ -20,23 +20,29 @@ from common.envs import MultiAgentEnv
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    """Import ``baselines/<name>.py`` by path (the baselines are scripts, not a package)."""
-    key = f"_baseline_{name}"
+def load_file(path: str, key: str | None = None):
+    """Import an algorithm file (``comadice.py``, ``baselines/bc.py``) by path, once (the files are
+    scripts, not a package)."""
+    key = key or "_file_" + path.replace("/", "_").removesuffix(".py")
     if key in sys.modules:
         return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, ROOT / "baselines" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(key, ROOT / path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[key] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
+def load_script(name: str):
+    """Import ``baselines/<name>.py`` by path."""
+    return load_file(f"baselines/{name}.py", f"_baseline_{name}")
+
+
 # ============================================================ matrix datasets
 def matrix_dataset(path: Path, joint: list[tuple[int, int]], task: str = "penalty_xor", episodes: int = 20,
                    horizon: int = 50, seed: int = 0) -> Path:
     """Repeated-matrix-game episodes whose joint action is drawn uniformly from ``joint``
-    (../shared/specs/bridge-and-xor.md §1: constant observation [0, 1, 0, 1])."""
+    (docs/environments.md#matrix-games-matrix: constant observation [0, 1, 0, 1])."""
     rng = np.random.default_rng(seed)
     payoff = envs.PAYOFFS[task]
     o = np.array([0, 1, 0, 1], np.float32)

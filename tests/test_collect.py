@@ -1,6 +1,6 @@
-"""common.collect: the generated Penalty-XOR and Bridge datasets match
-../shared/specs/bridge-and-xor.md (statistics within sampling error, exact replay,
-§3.2), generation is deterministic, and the random and policy-rollout paths work
+"""common.collect: the generated Penalty-XOR and Bridge datasets match the original
+AlberDICE datasets (docs/datasets.md#the-original-alberdice-datasets: statistics within
+sampling error) and replay exactly in the environment, generation is deterministic, and the random and policy-rollout paths work
 on any environment."""
 
 import json
@@ -16,7 +16,7 @@ from common.collect import (RECIPES, XOR_SUPPORTS, NoisyPolicy, generate, has_re
 from common.data import DatasetError, OfflineDataset
 from common.envs import BRIDGE_GOALS, PAYOFFS, MultiAgentEnv, make_env, make_env_for
 
-BRIDGE_OPTIMAL_RETURNS = (-1.235453, -1.259059, -1.290404)  # spec §2, one per retreat choice, each 1/3
+BRIDGE_OPTIMAL_RETURNS = (-1.235453, -1.259059, -1.290404)  # one per retreat choice, each 1/3 (docs/datasets.md)
 XOR_NAMES = [(task, q) for task in ("penalty_xor", "xor") for q in "abcd"]
 GENERATED = [("matrix", t, q) for t, q in XOR_NAMES] + [
     ("matrix", "penalty_xor", "random"), ("bridge", "hard", "optimal"), ("bridge", "hard", "mix"),
@@ -72,7 +72,7 @@ def test_xor_datasets(data, task, quality):
     else:
         assert 0.75 < ret.std() / np.sqrt(50 * var) < 1.25
     if (task, quality) == ("penalty_xor", "c"):
-        assert abs(ret.mean() - 33.33) < 1.4  # spec: 33.29 +- 3.38 (theory 33.33 +- 3.33)
+        assert abs(ret.mean() - 33.33) < 1.4  # original buffer: 33.29 +- 3.38 (theory 33.33 +- 3.33)
     if quality == "d":  # the joint draw over all four is the same as independent agents
         assert abs(np.corrcoef(joint[:, 0], joint[:, 1])[0, 1]) < 4 / np.sqrt(n)
 
@@ -121,11 +121,11 @@ def test_bridge_mix(data):
     np.testing.assert_array_equal(rand.terminal[last_step], both_home)
     np.testing.assert_array_equal(rand.timeout[last_step], ~both_home)
     assert (lengths[~both_home] == 50).all() and lengths.max() == 50
-    # uniform random, L = 50: exact (DP) mean -17.5586, std 3.9609, both home 3.50 %; spec -17.53 +- 3.94, 3.3 %
+    # uniform random, L = 50: exact (DP) mean -17.5586, std 3.9609, both home 3.50 %; original simulation -17.53 +- 3.94, 3.3 %
     assert abs(ret.mean() - -17.5586) < 4 * 3.9609 / np.sqrt(500)
     assert abs(ret.std() - 3.9609) < 0.5
     assert abs(both_home.mean() - 0.035) < 4 * np.sqrt(0.035 * 0.965 / 500)
-    # the whole mix: spec -9.464 +- 8.652
+    # the whole mix: original buffer -9.464 +- 8.652
     assert abs(mix.episode_returns().mean() - -9.464) < 0.4 and abs(mix.episode_returns().std() - 8.652) < 0.4
     # the random policy records every action uniformly, done agents included
     acts = rand.actions[~rand.last]
@@ -136,7 +136,7 @@ def test_bridge_mix(data):
 # -------------------------------------------------------------- exact replay
 @pytest.mark.parametrize("name", GENERATED, ids=["/".join(n) for n in GENERATED])
 def test_replay_reproduces_dataset(data, name):
-    """Spec §3.2: replaying each episode's actions in make_env_for(meta) reproduces
+    """Replaying each episode's actions in make_env_for(meta) reproduces
     its rewards (to 1e-6), next observations and states (exactly) and end flags,
     and the episode ends exactly at its last step."""
     ds = data[name]

@@ -1,10 +1,11 @@
-"""Penalty-XOR / XOR and Bridge against ../shared/specs/bridge-and-xor.md.
+"""Penalty-XOR / XOR and Bridge against their rules (docs/environments.md#small-games).
 
-Bridge: the unit cases of spec §3.3, exhaustive dynamic programming over the
-whole state space reproducing the reference values of §2, and uniform-random
-rollouts matching the exact (DP) random-policy statistics within sampling error.
-Set ``ALBERDICE_BUFFERS`` to the ``buffer/`` folder of the official AlberDICE
-repository to also replay its 1,500 Bridge and 400 XOR episodes (spec §3.2).
+Bridge: the unit cases of docs/environments.md#bridge-unit-cases, exhaustive dynamic
+programming over the whole state space reproducing #bridge-reference-values, and
+uniform-random rollouts matching the exact (DP) random-policy statistics within sampling
+error. Set ``ALBERDICE_BUFFERS`` to the ``buffer/`` folder of the official AlberDICE
+repository to also replay its 1,500 Bridge and 400 XOR episodes
+(docs/environments.md#checked-against-the-original-code).
 """
 
 import itertools
@@ -57,7 +58,7 @@ def test_observation_and_reset():
     np.testing.assert_array_equal(bridge_observation(np.array([[[0, 4], [2, 1]]])), [[0, 4, 2, 5, 2, 1, 0, 0]])
 
 
-# ------------------------------------------------------- spec §3.3 unit cases
+# ------------------------------ unit cases (docs/environments.md#bridge-unit-cases)
 START = ((1, 2), (1, 3))
 
 
@@ -219,7 +220,7 @@ def test_dp_uniform_random_exact_statistics():
         s = solve(L, "uniform")
         m = s["V"][L][s["start"]]
         sd = np.sqrt(s["M"][s["start"]] - m ** 2)
-        # the spec's numbers come from simulation; the exact values agree within its precision
+        # simulation estimates (docs/environments.md#bridge-reference-values); the exact values agree
         assert abs(m - mean) < 0.05 and abs(sd - std) < 0.05, (L, m, sd)
     assert abs(s["P"][s["start"]] - 0.033) < 0.005  # both agents reach their goals (L = 50)
 
