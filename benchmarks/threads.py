@@ -1,6 +1,7 @@
 """Training speed of every algorithm file under CPU contention: 1 or 2 threads, active or passive
 OpenMP waiting, and ``--threads 0`` (the default: the count measured fastest while training), on
-an idle machine and beside one competing CPU-bound process. Writes docs/results/threads.md.
+an idle machine and beside one competing CPU-bound process. Writes a Markdown table (--out; the
+default is the threads page of docs/results).
 
     python benchmarks/threads.py                       # every file, both shapes (about 45 minutes on 2 cores)
     python benchmarks/threads.py --files comadice.py baselines/bc.py --shapes bridge --seconds 8
@@ -102,7 +103,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=["bridge", "halfcheetah"], choices=["bridge", "halfcheetah"])
     p.add_argument("--seconds", type=float, default=10.0, help="updates per cell: about this many seconds' worth")
     p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "threads.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "threads.md"), help="the table's path")
     a = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
