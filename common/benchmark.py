@@ -624,11 +624,23 @@ def specs_from_args(a: RunArgs) -> tuple[list[RunSpec], dict[str, Any]]:
     env = a.env or d.get("env", "")
     if not env:
         raise BenchmarkError("say which env (--env or the definition's env)")
-    missing = [x for x in algos if not (REPO / x).is_file() and not Path(x).is_file()]
-    if missing:
-        raise BenchmarkError(f"no algorithm file {missing[0]}")
-    specs = expand_grid(algos, env, a.tasks or d.get("tasks", []), a.qualities or d.get("qualities", []),
-                        a.seeds or d.get("seeds", [0, 1, 2, 3, 4]), extra, algo_args)
+    # [[grids]]: several sub-grids in one definition (e.g. every algorithm on one task, a few on
+    # the others); each may set its own algos (files of [algos]), tasks, qualities and seeds
+    specs, seen = [], set()
+    for g in d.get("grids") or [{}]:
+        g_algos = a.algos or g.get("algos") or algos
+        unknown = [x for x in g_algos if algos_def and x not in algos_def and not a.algos]
+        if unknown:
+            raise BenchmarkError(f"a [[grids]] entry names {unknown[0]}, which is not in [algos]")
+        missing = [x for x in g_algos if not (REPO / x).is_file() and not Path(x).is_file()]
+        if missing:
+            raise BenchmarkError(f"no algorithm file {missing[0]}")
+        for s in expand_grid(g_algos, env, a.tasks or g.get("tasks") or d.get("tasks", []),
+                             a.qualities or g.get("qualities") or d.get("qualities", []),
+                             a.seeds or g.get("seeds") or d.get("seeds", [0, 1, 2, 3, 4]), extra, algo_args):
+            if s.name not in seen:
+                seen.add(s.name)
+                specs.append(s)
     return specs, d
 
 
