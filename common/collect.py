@@ -476,7 +476,10 @@ LEARN_RECORD = 1000  # episodes recorded over the learning run (ComaDICE: 1,000)
 
 
 def default_workers() -> int:
-    """Processes for scripted rollouts: the CPUs this process may use, at most 8."""
+    """Processes for scripted RWARE rollouts: ``$OFFLINE_MARL_WORKERS`` when set, else the
+    CPUs this process may use, at most 8."""
+    if os.environ.get("OFFLINE_MARL_WORKERS"):
+        return max(1, int(os.environ["OFFLINE_MARL_WORKERS"]))
     try:
         return max(1, min(8, len(os.sched_getaffinity(0))))
     except AttributeError:  # not on Linux

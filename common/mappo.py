@@ -9,11 +9,15 @@ MAPPO: Yu et al. 2022, "The Surprising Effectiveness of PPO in Cooperative Multi
 Games" (arXiv:2103.01955). One actor shared by all agents (observation + one-hot agent
 id), actions drawn from the softmax over the *available* actions only; a centralised
 critic ``V(s, id)`` on the global state (``--critic obs`` gives IPPO's ``V(o_i, id)``);
-the team reward; GAE; the clipped surrogate of PPO (Schulman et al. 2017, eq. 7) with
-an entropy bonus; value targets normalised by running statistics (MAPPO's ValueNorm),
-with the clipped value loss of MAPPO (its eq. 4 of the value part); inputs normalised by running
-statistics. A time-limit cut bootstraps from the final state's value, a true end does
-not.
+the team reward; GAE (Schulman et al. 2016, eq. 16); PPO's objective (Schulman et al.
+2017, eq. 9: the clipped surrogate of eq. 7, a value loss and an entropy bonus), with the
+two implementation choices MAPPO's paper recommends for the critic: value targets
+normalised by running statistics ("value normalisation") and the value change clipped
+like the ratio ("value clipping"). Inputs are standardised by running statistics. A
+time-limit cut bootstraps from the value of the state where it was cut; a true end does
+not. Differences from MAPPO's reference code (docs/datasets.md): no recurrent network,
+a squared value error instead of a Huber loss, and the exact running mean and variance
+of all targets instead of an exponentially weighted one.
 
 What is recorded: ``record`` episodes, one starting at or after each of ``record``
 evenly spaced environment steps of the run (step ``k * total_steps / record``), acted by
@@ -187,9 +191,10 @@ class ActorCritic(nn.Module):
 
 
 def ppo_losses(model: ActorCritic, b: dict[str, torch.Tensor], cfg: LearnConfig) -> dict[str, torch.Tensor]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), MAPPO's clipped value loss
-    on normalised targets, and the entropy of the masked policy, averaged over agents
-    and samples."""
+    """PPO's objective (Schulman et al. 2017, eq. 9, as a loss to minimise): the clipped
+    surrogate of eq. 7 on the normalised advantages, the clipped squared value error on
+    normalised targets (MAPPO's value clipping), minus ``entropy`` times the entropy of the
+    masked policy; every term averaged over agents and samples."""
     dist = model.dist(b["obs"], b["avail"])
     logp = dist.log_prob(b["actions"])
     ratio = (logp - b["logp"]).exp()
@@ -205,7 +210,7 @@ def ppo_losses(model: ActorCritic, b: dict[str, torch.Tensor], cfg: LearnConfig)
 
 def gae(reward: torch.Tensor, value: torch.Tensor, done: torch.Tensor, next_value: torch.Tensor, gamma: float,
         lam: float) -> torch.Tensor:
-    """Generalised advantage estimates ``[T, E, N]``. ``reward [T, E, N]`` (the team
+    """Generalised advantage estimates (Schulman et al. 2016, eq. 16) ``[T, E, N]``. ``reward [T, E, N]`` (the team
     reward of each agent) already holds ``gamma * V(final state)`` on time-limit cuts;
     ``done [T, E]`` marks every end (nothing is carried across it); ``value [T, E, N]``;
     ``next_value [E, N]``."""
