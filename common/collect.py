@@ -526,6 +526,12 @@ def family_dataset(env: str, task: str, quality: str, seed: int = 0, episodes: i
                f"{rand.n_episodes + expert.n_episodes - 1}: the scripted expert (= quality expert{conv})")))
 
 
+def _learn_default(env: str) -> int:
+    from common.mappo import DEFAULT_STEPS, FALLBACK_STEPS
+
+    return DEFAULT_STEPS.get(env, FALLBACK_STEPS)
+
+
 def _family_recipe(env: str, task: str, quality: str) -> Recipe | None:
     """The LBF and RWARE recipes, for any task of those families."""
     if env not in CONVENTIONS:
@@ -538,8 +544,8 @@ def _family_recipe(env: str, task: str, quality: str) -> Recipe | None:
     about = {"expert": f"{SCRIPTED_EPISODES[env]} episodes of the scripted expert",
              "medium": f"{SCRIPTED_EPISODES[env]} episodes of the expert with epsilon = {SCRIPTED_NOISE[env]}",
              "mix": f"{SCRIPTED_EPISODES[env]} uniform-random episodes, then the expert ones",
-             "medium-replay": "1000 episodes spread over a MAPPO learning run of "
-                              f"{LEARN_STEPS.get(task, 0) or 'the default'} steps"}[names[quality]]
+             "medium-replay": f"{LEARN_RECORD} episodes spread over a MAPPO learning run of "
+                              f"{LEARN_STEPS.get(task) or _learn_default(env):,} steps"}[names[quality]]
     if quality.endswith("-alberdice"):
         about += " (AlberDICE's reward and state)"
     return Recipe(lambda seed: family_dataset(env, task, quality, seed=seed), about)
@@ -754,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     command = "python -m common.collect " + shlex.join(argv)
     if isinstance(cmd, ListCmd):
         for (e, t, q), r in RECIPES.items():
-            print(f"{e:10s} {t:16s} {q:14s} {r.about}")
+            print(f"{e:10s} {t:16s} {q:17s} {r.about}")
         return None
     if isinstance(cmd, LearnConfig):
         from common.mappo import main as learn_main

@@ -19,9 +19,11 @@ its random stream.
   it up, carries it to the nearest goal along highways and free slots (a loaded robot
   cannot pass under shelves), then carries it back to the nearest free slot and puts
   it down. Routes are shortest paths in (cell, heading) space, where turning costs a
-  step. An agent blocked by another agent replans around it; one that has made no
-  progress for a few steps takes random actions for a few steps (two robots meeting
-  head-on in a one-lane aisle would otherwise wait for each other forever).
+  step. An agent blocked by another agent replans around it. Livelock breaker (two
+  loaded robots meeting head-on in a one-lane aisle would otherwise wait for each other
+  forever): when agents make no progress for a few steps, one of them gives way, heading
+  for a nearby cell on no other agent's route; when no agent at all has made progress for
+  longer (several robots jammed in one aisle), all of them move at random for a few steps.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class RwareExpert:
 
     PATIENCE = 4  # steps without getting closer before an agent gives way
     YIELD = 6  # steps it then spends on the way to (or waiting in) a cell off the others' routes
+    DEADLOCK, SHAKE = 12, 4  # steps in which no agent gets closer, then random moves for everyone
 
     def reset(self, env: Any, rng: np.random.Generator) -> None:
         self.rng = rng
@@ -195,6 +198,8 @@ class RwareExpert:
         self.target_of: list[Any] = [None] * n
         self.stuck = [0] * n
         self.giving_way: list[Any] = [None] * n  # (cell, steps left) while an agent gives way
+        self.calm = 0  # steps in which no agent got closer to its target
+        self.shaking = 0  # random steps left for everyone
 
     def _table(self, key: Any, open_: np.ndarray, targets: list[tuple[int, int]]) -> np.ndarray:
         if key is None:
@@ -286,14 +291,27 @@ class RwareExpert:
         plans = self._plans(g, standing)
         tables = [None if p is None else self._table(p[0], p[2], p[1]) for p in plans]
         dist = [None if t is None else int(t[a.y, a.x, a.dir.value]) for t, a in zip(tables, agents)]
+        progress = False
         for i in range(n):  # progress: a new target resets it
             if plans[i] is None or self.target_of[i] != plans[i][0] or plans[i][0] is None:
+                progress |= plans[i] is not None and plans[i][0] is not None
                 self.target_of[i] = None if plans[i] is None else plans[i][0]
                 self.best[i], self.stuck[i] = _UNREACHABLE if dist[i] is None else dist[i], 0
             elif dist[i] < self.best[i] or dist[i] == 0:
+                progress = True
                 self.best[i], self.stuck[i] = dist[i], 0
             elif self.giving_way[i] is None:
                 self.stuck[i] += 1
+        # the last resort: when nobody has got closer for a while (several robots jammed in an
+        # aisle, which one agent giving way cannot undo), everybody moves at random for a few steps
+        self.calm = 0 if progress else self.calm + 1
+        if self.calm >= self.DEADLOCK:
+            self.calm, self.shaking = 0, self.SHAKE
+            self.giving_way = [None] * n
+            self.stuck = [0] * n
+        if self.shaking > 0:
+            self.shaking -= 1
+            return self.rng.choice(np.array([RW_FORWARD, RW_LEFT, RW_RIGHT]), size=n)
         # the livelock breaker: of the agents stuck for a while, one gives way to the others
         stuck = [i for i in range(n) if self.stuck[i] >= self.PATIENCE and self.giving_way[i] is None]
         if stuck and not any(x is not None for x in self.giving_way):

@@ -3,6 +3,8 @@ computations, masked sampling, learning a small Level-Based Foraging task, resum
 the whole command on the StarCraft stand-in ending where the catalog looks."""
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -115,9 +117,7 @@ def test_resumes_after_an_interruption(tmp_path, monkeypatch):
 def test_learn_command_on_the_starcraft_stand_in(tmp_path, monkeypatch):
     """`python -m common.collect learn` for the user's SMACv2 example, on the stand-in
     game: the dataset lands where `comadice.py --env smacv2 --task protoss_5_vs_5` looks."""
-    from test_envs_smac import FakeCapabilityWrapper, FakeStarCraft2Env, FakeStarCraft2EnvV2, game_dir  # noqa: F401
-    import sys
-    import types
+    from test_envs_smac import FakeCapabilityWrapper, FakeStarCraft2EnvV2, game_dir
 
     for package, members in [("smacv2", {"StarCraft2Env": FakeStarCraft2EnvV2,
                                          "StarCraftCapabilityEnvWrapper": FakeCapabilityWrapper})]:
