@@ -643,7 +643,7 @@ def load_definition(path: str | Path) -> dict[str, Any]:
     return d
 
 
-_DEFINITION_TYPES = {"name": str, "header": str, "env": str, "tasks": list, "qualities": list, "seeds": list, "extra": str,
+_DEFINITION_TYPES = {"name": str, "header": str, "grids": list, "env": str, "tasks": list, "qualities": list, "seeds": list, "extra": str,
                      "table": str, "plots": str, "algos": dict, "workers": int, "threads": int}
 
 
@@ -657,11 +657,20 @@ def _check_definition(d: dict[str, Any], path: Path) -> None:
     unknown = sorted(set(d) - set(_DEFINITION_TYPES))
     if unknown:
         raise BenchmarkError(f"{path}: unknown entries {unknown}; known: {', '.join(_DEFINITION_TYPES)}")
-    for key in ("tasks", "qualities"):
-        if any(not isinstance(x, str) for x in d.get(key, [])):
-            raise BenchmarkError(f"{path}: {key} must be a list of strings, got {d[key]!r}")
-    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in d.get("seeds", [])):
-        raise BenchmarkError(f"{path}: seeds must be a list of non-negative integers, got {d['seeds']!r}")
+    for g in d.get("grids", []):
+        if not isinstance(g, dict):
+            raise BenchmarkError(f"{path}: grids must be [[grids]] tables, got {g!r}")
+        for key, value in g.items():
+            if key not in ("algos", "tasks", "qualities", "seeds") or not isinstance(value, list):
+                raise BenchmarkError(f"{path}: a [[grids]] entry may set algos, tasks, qualities and seeds, "
+                                     f"each a list; got {key} = {value!r}")
+    for where in [d, *d.get("grids", [])]:
+        for key in ("tasks", "qualities", "algos"):
+            if key in where and where is not d or key in ("tasks", "qualities"):
+                if any(not isinstance(x, str) for x in where.get(key, [])):
+                    raise BenchmarkError(f"{path}: {key} must be a list of strings, got {where[key]!r}")
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in where.get("seeds", [])):
+            raise BenchmarkError(f"{path}: seeds must be a list of non-negative integers, got {where['seeds']!r}")
     for file, flags in d.get("algos", {}).items():
         if not isinstance(flags, (str, list)) or (isinstance(flags, list) and any(not isinstance(x, str) for x in flags)):
             raise BenchmarkError(f"{path}: the flags of {file} must be a string (or a list of strings), got {flags!r}")
@@ -676,11 +685,23 @@ def specs_from_args(a: RunArgs) -> tuple[list[RunSpec], dict[str, Any]]:
     env = a.env or d.get("env", "")
     if not env:
         raise BenchmarkError("say which env (--env or the definition's env)")
-    missing = [x for x in algos if not (REPO / x).is_file() and not Path(x).is_file()]
-    if missing:
-        raise BenchmarkError(f"no algorithm file {missing[0]}")
-    specs = expand_grid(algos, env, a.tasks or d.get("tasks", []), a.qualities or d.get("qualities", []),
-                        a.seeds or d.get("seeds", [0, 1, 2, 3, 4]), extra, algo_args)
+    # [[grids]]: several sub-grids in one definition (e.g. every algorithm on one task, a few on
+    # the others); each may set its own algos (files of [algos]), tasks, qualities and seeds
+    specs, seen = [], set()
+    for g in d.get("grids") or [{}]:
+        g_algos = a.algos or g.get("algos") or algos
+        unknown = [x for x in g_algos if algos_def and x not in algos_def and not a.algos]
+        if unknown:
+            raise BenchmarkError(f"a [[grids]] entry names {unknown[0]}, which is not in [algos]")
+        missing = [x for x in g_algos if not (REPO / x).is_file() and not Path(x).is_file()]
+        if missing:
+            raise BenchmarkError(f"no algorithm file {missing[0]}")
+        for s in expand_grid(g_algos, env, a.tasks or g.get("tasks") or d.get("tasks", []),
+                             a.qualities or g.get("qualities") or d.get("qualities", []),
+                             a.seeds or g.get("seeds") or d.get("seeds", [0, 1, 2, 3, 4]), extra, algo_args):
+            if s.name not in seen:
+                seen.add(s.name)
+                specs.append(s)
     return specs, d
 
 

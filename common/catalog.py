@@ -48,7 +48,7 @@ SOURCE_PRIORITY = ("omiga-hdf5", "omiga-madt", "omiga", "cfcql-h5", "cfcql", "al
                    "og_marl_legacy")
 # quality names generate() may be asked for, used to list local recipes in messages
 LOCAL_QUALITIES = ("a", "b", "c", "d", "optimal", "mix", "random", "expert", "medium", "medium-replay",
-                   "medium-expert")
+                   "medium-expert", "expert-alberdice", "medium-alberdice", "mix-alberdice")
 
 # SMAC episode limits (smac/smacv2 map registries): time-limit endings of these vaults are
 # stored as terminal, so episodes of exactly this length are re-labelled as time-limit cuts
@@ -187,6 +187,8 @@ def _canon_env(env: str) -> str:
 def _canon_task(env: str, task: str) -> str:
     t = task.strip()
     known = {x.task for x in ENTRIES if x.env == env}
+    if env == "lbf" and t.startswith("Foraging-") and t.endswith("-v3"):  # lbforaging's gymnasium id
+        t = t[len("Foraging-"):-len("-v3")]
     if env == "mamujoco":
         t = _OG_TASKS.get(t.lower(), t)
         if "-v" in t:  # OMIGA's Hopper-v2-3x1
@@ -407,11 +409,14 @@ def _missing(env: str, task: str, source: str | None, quality: str, why: str = "
     name = f"{env}/{task}/{source + '/' if source else ''}{quality}"
     hint = ("pass --dataset PATH (any format in docs/datasets.md) or generate data locally with "
             "python -m common.collect")
+    learn = (f"python -m common.collect learn --env {env} --task {task} --quality {quality}" +
+             (f" (a {source}/ name is a download: drop the prefix)" if source else ""))
     if env == "smacv2" and task.startswith("protoss"):
         return DatasetError(f"SMACv2 {task} has no public offline dataset (OG-MARL publishes terran_5_vs_5, "
                             "terran_10_vs_10 and zerg_5_vs_5; ComaDICE's SMACv2 data is available from its authors "
-                            "on request): record one with python -m common.collect (needs StarCraft II) or pass "
-                            "--dataset PATH")
+                            "on request): record one as ComaDICE did (MAPPO for 10M steps, 1,000 trajectories spread "
+                            f"over the run; needs StarCraft II) with {learn}, which writes it where this command "
+                            "looks, or pass --dataset PATH")
     entries = available(env, task)
     recipes = _local_recipes(env, task)
     if not entries and not recipes:
@@ -429,6 +434,8 @@ def _missing(env: str, task: str, source: str | None, quality: str, why: str = "
     if recipes:
         have.append(f"generated locally: {', '.join(recipes)}")
     lead = f"{why}; " if why else f"no dataset {name}; "
+    if env in ("smacv1", "smacv2"):
+        hint += f", e.g. a MAPPO learning run as ComaDICE's SMACv2 data: {learn}"
     return DatasetError(f"{lead}{env}/{task} has: {'; '.join(have)}; or {hint}")
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import sys
 import zlib
@@ -197,6 +198,57 @@ def rollout(env: MultiAgentEnv, act_fn: Callable[..., Any], episodes: int, *, se
         for e in envs[1:]:
             e.close()
     return out  # type: ignore[return-value]
+
+
+def controlled_reset_seeds(seed: int, stream: str, episodes: int) -> list[int]:
+    """The reset seeds of ``rollout_controlled``'s episodes (to replay them)."""
+    base = int(_rng(seed, f"{stream}-reset").integers(0, 2**31 - 1 - episodes))
+    return [base + i for i in range(episodes)]
+
+
+def rollout_controlled(env: MultiAgentEnv, episodes: int, *, scripted: bool, seed: int = 0, stream: str = "",
+                       noise: float = 0.0, workers: int = 1, desc: str = "collect",
+                       progress: bool = True) -> list[dict[str, Any]]:
+    """Episodes of a policy that reads its environment's internal state: the scripted
+    expert of ``env``'s family (``common.scripted.CONTROLLERS``, when ``scripted``) or
+    the uniform policy, with epsilon-uniform action noise ``noise``. Such a policy
+    cannot act on batched observations, so parallelism is over episodes instead:
+    ``workers`` processes each build the environment (from ``env.spec``) and the
+    controller once and play whole episodes. Episode ``i`` has its own reset seed and
+    random stream, both derived from ``seed``, ``stream`` and ``i``: the result does
+    not depend on ``workers``. Returns the episodes in order, as ``rollout`` does."""
+    import functools
+    import multiprocessing as mp
+
+    from common.scripted import CONTROLLERS, play_many
+
+    if episodes < 1:
+        raise OfflineMarlError(f"--episodes must be at least 1, got {episodes}")
+    if scripted and env.spec["env"] not in CONTROLLERS:
+        raise OfflineMarlError(f"no scripted expert for {env.spec['env']}; there is one for {', '.join(CONTROLLERS)}")
+    tag = zlib.crc32(stream.encode())
+    jobs = [(reset, [int(seed), tag, i]) for i, reset in enumerate(controlled_reset_seeds(seed, stream, episodes))]
+    workers = max(1, min(int(workers), episodes))
+    size = max(1, min(16, episodes // (4 * workers)))
+    chunks = [jobs[k:k + size] for k in range(0, episodes, size)]
+    run = functools.partial(play_many, env.spec, scripted, noise=noise)
+    out: list[dict[str, Any]] = []
+    with tqdm(total=episodes, desc=desc, unit="ep", disable=not progress, dynamic_ncols=True) as bar:
+        if workers == 1:
+            results = map(run, chunks)
+            pool = None
+        else:
+            pool = mp.get_context("spawn").Pool(workers)
+            results = pool.imap(run, chunks)
+        try:
+            for chunk in results:
+                out.extend(chunk)
+                bar.update(len(chunk))
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    return out
 
 
 def _check_actions(acts: Any, env: MultiAgentEnv, n: int) -> np.ndarray:
@@ -408,9 +460,116 @@ for _task in ("Hopper-3x1", "Ant-2x4", "HalfCheetah-6x1"):
         RECIPES[("mamujoco", _task, _q)] = Recipe(_mamujoco(_task, _q), _about)
 
 
+# Level-Based Foraging and RWARE (issue 19): scripted experts (common/scripted.py), played by
+# rollout_controlled; medium = the expert with epsilon-uniform actions; mix = as many
+# uniform-random episodes followed by the expert dataset of the same seed (as Bridge mix);
+# LBF medium-replay = a MAPPO learning run (common/mappo.py). RWARE data comes in two
+# conventions with the same trajectories: native (the number of deliveries, concatenated
+# observations as the state) and AlberDICE's ("-alberdice": agent 0's shaped reward, its state).
+SCRIPTED_EPISODES = {"lbf": 1000, "rware": 100}
+SCRIPTED_NOISE = {"lbf": 0.6, "rware": 0.3}  # epsilon of medium: about 0.6 x the expert's return
+SCRIPTED_QUALITIES = ("expert", "medium", "mix")
+CONVENTIONS = {"lbf": {"": {}}, "rware": {"": {}, "-alberdice": {"state": "alberdice", "reward": "alberdice"}}}
+LBF_TASKS = ("8x8-2p-2f-coop", "10x10-3p-3f", "15x15-4p-3f")
+RWARE_TASKS = ("tiny-2ag", "tiny-4ag", "small-4ag")
+LEARN_STEPS = {"8x8-2p-2f": 200_000}  # the LBF medium-replay budgets; other tasks: common.mappo's default
+LEARN_RECORD = 1000  # episodes recorded over the learning run (ComaDICE: 1,000)
+
+
+def default_workers() -> int:
+    """Processes for scripted RWARE rollouts: ``$OFFLINE_MARL_WORKERS`` when set, else the
+    CPUs this process may use, at most 8."""
+    if os.environ.get("OFFLINE_MARL_WORKERS"):
+        return max(1, int(os.environ["OFFLINE_MARL_WORKERS"]))
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not on Linux
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+def scripted_dataset(env: str, task: str, quality: str, seed: int = 0, episodes: int | None = None,
+                     workers: int | None = None, env_options: dict[str, Any] | None = None) -> OfflineDataset:
+    """``expert``, ``medium`` or ``random`` episodes of the scripted family policies
+    (``rollout_controlled``), ``episodes`` of them (default ``SCRIPTED_EPISODES``)."""
+    e = make_env(env, task, **(env_options or {}))
+    n = int(episodes or SCRIPTED_EPISODES[env])
+    noise = SCRIPTED_NOISE[env] if quality == "medium" else 0.0
+    if workers is None:
+        workers = 1 if env == "lbf" else default_workers()
+    eps = rollout_controlled(e, n, scripted=quality != "random", seed=seed, stream=f"{env}-{quality}", noise=noise,
+                             workers=workers, desc=f"{env}/{task}/{quality}")
+    what = {"expert": "the scripted expert (common.scripted)", "random": "uniform random over the available actions",
+            "medium": f"the scripted expert (common.scripted), each action replaced with probability {noise} by a "
+                      "uniform available one"}[quality]
+    return episodes_to_dataset(e, eps, quality, dict(policy=what, episodes=n, workers=int(workers)))
+
+
+def family_dataset(env: str, task: str, quality: str, seed: int = 0, episodes: int | None = None,
+                   workers: int | None = None) -> OfflineDataset:
+    """The LBF / RWARE recipes: ``expert``, ``medium``, ``mix`` (+ ``-alberdice`` for RWARE)
+    and LBF ``medium-replay``."""
+    if env == "lbf" and quality == "medium-replay":
+        from common.mappo import LearnConfig, learn
+
+        return learn(LearnConfig(env=env, task=task, quality=quality, seed=seed, total_steps=LEARN_STEPS.get(task, 0),
+                                 record=LEARN_RECORD))
+    level, conv = quality, ""
+    for c in CONVENTIONS[env]:
+        if c and quality.endswith(c):
+            level, conv = quality[:-len(c)], c
+    opts = CONVENTIONS[env][conv]
+    if level != "mix":
+        return scripted_dataset(env, task, level, seed, episodes, workers, opts)
+    rand = scripted_dataset(env, task, "random", seed, episodes, workers, opts)
+    expert = scripted_dataset(env, task, "expert", seed, episodes, workers, opts)
+    return OfflineDataset.concatenate([rand, expert], meta=dict(rand.meta, provenance=dict(
+        policy=f"episodes 0-{rand.n_episodes - 1}: uniform random; {rand.n_episodes}-"
+               f"{rand.n_episodes + expert.n_episodes - 1}: the scripted expert (= quality expert{conv})")))
+
+
+def _learn_default(env: str) -> int:
+    from common.mappo import DEFAULT_STEPS, FALLBACK_STEPS
+
+    return DEFAULT_STEPS.get(env, FALLBACK_STEPS)
+
+
+def _family_recipe(env: str, task: str, quality: str) -> Recipe | None:
+    """The LBF and RWARE recipes, for any task of those families."""
+    if env not in CONVENTIONS:
+        return None
+    names = {q + c: q for q in SCRIPTED_QUALITIES for c in CONVENTIONS[env]}
+    if env == "lbf":
+        names["medium-replay"] = "medium-replay"
+    if quality not in names:
+        return None
+    about = {"expert": f"{SCRIPTED_EPISODES[env]} episodes of the scripted expert",
+             "medium": f"{SCRIPTED_EPISODES[env]} episodes of the expert with epsilon = {SCRIPTED_NOISE[env]}",
+             "mix": f"{SCRIPTED_EPISODES[env]} uniform-random episodes, then the expert ones",
+             "medium-replay": f"{LEARN_RECORD} episodes spread over a MAPPO learning run of "
+                              f"{LEARN_STEPS.get(task) or _learn_default(env):,} steps"}[names[quality]]
+    if quality.endswith("-alberdice"):
+        about += " (AlberDICE's reward and state)"
+    return Recipe(lambda seed: family_dataset(env, task, quality, seed=seed), about)
+
+
+for _task in LBF_TASKS + ("8x8-2p-2f",):
+    for _q in SCRIPTED_QUALITIES + ("medium-replay",):
+        RECIPES[("lbf", _task, _q)] = _family_recipe("lbf", _task, _q)
+for _task in RWARE_TASKS:
+    for _q in SCRIPTED_QUALITIES:
+        for _c in CONVENTIONS["rware"]:
+            RECIPES[("rware", _task, _q + _c)] = _family_recipe("rware", _task, _q + _c)
+
+
+def recipe_for(env: str, task: str, quality: str) -> Recipe | None:
+    """The recipe of (env, task, quality): a registered one, or a family recipe (LBF and
+    RWARE make their qualities for any task)."""
+    return RECIPES.get((env, task, quality)) or _family_recipe(env, task, quality)
+
+
 def has_recipe(env: str, task: str, quality: str) -> bool:
     """Whether ``generate`` can make (env, task, quality) locally."""
-    return (env, task, quality) in RECIPES
+    return recipe_for(env, task, quality) is not None
 
 
 def recipe_names(env: str | None = None, task: str | None = None) -> list[str]:
@@ -423,7 +582,7 @@ def generate(env: str, task: str, quality: str, out: Path, seed: int = 0, comman
     """Make the dataset (env, task, quality) from its recipe and save it at ``out``
     (native format). ``command`` is recorded as the provenance; by default the
     equivalent ``python -m common.collect recipe ...`` line."""
-    recipe = RECIPES.get((env, task, quality))
+    recipe = recipe_for(env, task, quality)
     if recipe is None:
         known = recipe_names(env, task) or recipe_names(env) or recipe_names()
         raise DatasetError(f"no local recipe for {env}/{task}/{quality}; recipes: {', '.join(known)}")
@@ -473,6 +632,10 @@ def load_act_fn(checkpoint: str | Path, algo: str | Path | None = None, device: 
     if not checkpoint.exists():
         raise OfflineMarlError(f"no checkpoint at {checkpoint}")
     if algo is None:
+        from common import mappo
+
+        if mappo.is_checkpoint(checkpoint):
+            return mappo.load_policy(checkpoint, device)
         try:
             from common.behaviour import load_behaviour_policy  # lazily: torch networks, only needed here
         except ImportError as e:
@@ -597,17 +760,23 @@ class ListCmd:
 
 def main(argv: Sequence[str] | None = None) -> Path | None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from common.mappo import LearnConfig
+
     cmd = __import__("tyro").extras.subcommand_cli_from_dict(
-        {"recipe": RecipeCmd, "random": RandomCmd, "policy": PolicyCmd, "list": ListCmd},
+        {"recipe": RecipeCmd, "random": RandomCmd, "policy": PolicyCmd, "learn": LearnConfig, "list": ListCmd},
         prog="python -m common.collect", description=__doc__.split("\n\n")[0], args=argv)
     command = "python -m common.collect " + shlex.join(argv)
-    if not isinstance(cmd, ListCmd):  # refuse a bad --out before any work
+    if isinstance(cmd, (RecipeCmd, RandomCmd, PolicyCmd)):  # refuse a bad --out before any work
         check_destination(cmd.out, cmd.overwrite)
     if isinstance(cmd, ListCmd):
         for (e, t, q), r in RECIPES.items():
-            print(f"{e:10s} {t:16s} {q:14s} {r.about}")
+            print(f"{e:10s} {t:16s} {q:17s} {r.about}")
         return None
-    if isinstance(cmd, RecipeCmd):
+    if isinstance(cmd, LearnConfig):
+        from common.mappo import main as learn_main
+
+        path = learn_main(cmd, argv[1:])
+    elif isinstance(cmd, RecipeCmd):
         path = generate(cmd.env, cmd.task, cmd.quality, cmd.out, cmd.seed, command=command, overwrite=cmd.overwrite)
     elif isinstance(cmd, RandomCmd):
         ds = random_dataset(cmd.env, cmd.task, cmd.episodes, cmd.seed, parse_env_options(cmd.env_options),
@@ -623,7 +792,9 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     return path
 
 
-__all__ = ["RECIPES", "Recipe", "has_recipe", "generate", "rollout", "episodes_to_dataset", "random_dataset",
+__all__ = ["RECIPES", "Recipe", "has_recipe", "recipe_for", "generate", "rollout", "rollout_controlled",
+           "controlled_reset_seeds", "family_dataset",
+           "scripted_dataset", "episodes_to_dataset", "random_dataset",
            "policy_dataset", "load_act_fn", "UniformPolicy", "JointSupportPolicy", "NoisyPolicy",
            "BridgeCrossingPolicy", "uniform_available", "parse_env_options", "recipe_names"]
 

@@ -19,6 +19,7 @@ matrix      penalty_xor, xor                                       nothing
 bridge      hard, easy                                             nothing
 mamujoco    Hopper-3x1, Ant-2x4, HalfCheetah-6x1, HalfCheetah-2x3  mujoco, gymnasium-robotics
 rware       tiny-2ag, small-4ag, ...                               rware
+lbf         8x8-2p-2f-coop, 10x10-3p-3f, 15x15-4p-3f, ...          lbforaging
 smacv1      3m, 5m_vs_6m, 6h_vs_8z, corridor, 2c_vs_64zg, ...      smac + StarCraft II
 smacv2      {protoss,terran,zerg}_{5_vs_5,...,20_vs_23}            smacv2 + StarCraft II
 ==========  =====================================================  ===========================
@@ -507,6 +508,7 @@ class Warehouse(MultiAgentEnv):
                            "tiny, small, medium, large and 1 to 19 agents, e.g. tiny-2ag, small-4ag")
         # the bare env with no step limit of its own: the cut is counted here and reported as truncated
         self._env = gymnasium.make(gym_id, max_steps=None, disable_env_checker=True).unwrapped
+        self.game = self._env  # the package's Warehouse, for scripted policies (common.scripted)
         self.n_agents = self._env.n_agents
         self.n_actions = int(self._env.action_space[0].n)
         self.obs_dim = int(self._env.observation_space[0].shape[0])
@@ -545,6 +547,97 @@ class Warehouse(MultiAgentEnv):
 def _make_rware(task: str, **options: Any) -> MultiAgentEnv:
     _check_options("rware", Warehouse, options)
     return Warehouse(task, **options)
+
+
+# ==================================================================== lbf
+LBF_HELP = "lbf needs the lbforaging package: pip install 'offline-marl[lbf]'"
+
+
+def lbf_gym_id(task: str) -> str:
+    """lbforaging's gymnasium id of a task: ``8x8-2p-2f-coop`` -> ``Foraging-8x8-2p-2f-coop-v3``,
+    ``2s-8x8-2p-2f`` -> ``Foraging-2s-8x8-2p-2f-v3``; a full id is returned as it is."""
+    return task if task.startswith("Foraging") else f"Foraging-{task}-v3"
+
+
+class Foraging(MultiAgentEnv):
+    """Level-Based Foraging (package ``lbforaging`` 2.x, gymnasium id
+    ``Foraging[-2s]-<s>x<s>-<n>p-<f>f[-coop]-v3``; the task is the id's middle part,
+    e.g. ``8x8-2p-2f-coop``, ``10x10-3p-3f``, ``2s-8x8-2p-2f`` for sight 2).
+
+    Six actions (none, north, south, west, east, load); ``avail`` is the package's
+    valid-action table (a move into food or off the grid, or a load with no food
+    next to the agent, is unavailable; the package would turn it into "none").
+    Each agent observes the package's flat vector: ``(y, x, level)`` of each food in
+    sight (row-major order, ``(-1, -1, 0)`` when fewer), then ``(y, x, level)`` of
+    itself and of the other agents in agent order (``(-1, -1, 0)`` when out of
+    sight). With full sight (no ``-2s``) positions are absolute. The state is the
+    same vector over the whole grid with the agents in agent order, i.e. agent 0's
+    full-sight observation. The team reward is the sum of the agents' rewards: each
+    food pays its level divided by the total level of the episode's food, so
+    collecting all food returns 1. Collecting the last food is ``terminated``;
+    reaching ``episode_limit`` (50, the package's) with food left is ``truncated``."""
+
+    discrete = True
+
+    def __init__(self, task: str, episode_limit: int = 50):
+        try:
+            import gymnasium
+            import lbforaging  # noqa: F401  (registers the Foraging-* ids)
+            from lbforaging.foraging.environment import ForagingEnv
+        except ImportError as e:
+            raise EnvError(f"{LBF_HELP} ({e})") from None
+        gym_id = lbf_gym_id(task)
+        if gym_id not in gymnasium.registry or gymnasium.registry[gym_id].kwargs.get("grid_observation"):
+            raise EnvError(f"unknown lbf task {task!r}; tasks are [2s-]<s>x<s>-<n>p-<f>f[-coop] (lbforaging's "
+                           "Foraging-...-v3 ids, s 5 to 19, n 2 to 9, f 1 to 4), e.g. 8x8-2p-2f-coop, 10x10-3p-3f")
+        if isinstance(episode_limit, bool) or not isinstance(episode_limit, (int, np.integer)) or episode_limit < 1:
+            raise EnvError(f"lbf episode_limit must be a positive integer, got {episode_limit!r}")
+        # the package's own step limit ends the episode with the same flag as the last food: it is
+        # set to our limit and the two are told apart from the field in step()
+        kwargs = {**gymnasium.registry[gym_id].kwargs, "max_episode_steps": int(episode_limit)}
+        self.game = ForagingEnv(**kwargs)
+        self.n_agents = self.game.n_agents
+        self.n_actions = int(self.game.action_space[0].n)
+        self.obs_dim = int(self.game.observation_space[0].shape[0])
+        self.state_dim = 3 * (self.game.max_num_food + self.n_agents)
+        self.episode_limit = int(episode_limit)
+        self._over = True
+
+    def global_state(self) -> np.ndarray:
+        """``(y, x, level)`` of every food on the grid (row-major; ``(-1, -1, 0)`` after the
+        last), then of every agent in agent order."""
+        g = self.game
+        out = np.zeros((g.max_num_food + self.n_agents, 3), np.float32)
+        out[:g.max_num_food, :2] = -1
+        ys, xs = np.nonzero(g.field)
+        out[:len(ys), 0], out[:len(ys), 1], out[:len(ys), 2] = ys, xs, g.field[ys, xs]
+        out[g.max_num_food:] = [(p.position[0], p.position[1], p.level) for p in g.players]
+        return out.reshape(-1)
+
+    def _observe(self, raw):
+        g = self.game
+        avail = np.zeros((self.n_agents, self.n_actions), dtype=bool)
+        for i, p in enumerate(g.players):
+            avail[i, [a.value for a in g._valid_actions[p]]] = True
+        return np.stack(raw).astype(np.float32), self.global_state(), avail
+
+    def reset(self, seed: int | None = None):
+        raw, _ = self.game.reset(seed=seed)
+        self._over = False
+        return self._observe(raw)
+
+    def step(self, actions):
+        if self._over:
+            raise RuntimeError("Foraging.step called on a finished episode; call reset() first")
+        raw, rewards, done, _, _ = self.game.step([int(a) for a in np.asarray(actions).reshape(self.n_agents)])
+        terminated = bool(self.game.field.sum() == 0)
+        self._over = bool(done)
+        return (*self._observe(raw), float(sum(rewards)), terminated, self._over and not terminated, {})
+
+
+def _make_lbf(task: str, **options: Any) -> MultiAgentEnv:
+    _check_options("lbf", Foraging, options)
+    return Foraging(task, **options)
 
 
 # ============================================================ smacv1 / smacv2
@@ -699,6 +792,7 @@ FAMILIES: dict[str, tuple[Callable[..., MultiAgentEnv], tuple[str, ...] | None]]
     "bridge": (_make_bridge, ("hard", "easy")),
     "mamujoco": (_make_mamujoco, MAMUJOCO_TASKS),
     "rware": (_make_rware, None),
+    "lbf": (_make_lbf, None),
     "smacv1": (_make_smacv1, None),
     "smacv2": (_make_smacv2, SMACV2_TASKS),
 }

@@ -4,7 +4,7 @@ backends (local pool, submitit's local executor, a local Ray instance)."""
 import dataclasses
 import json
 import os
-import sys
+
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -248,6 +248,32 @@ def test_definition_file_and_cli_dry_run(tmp_path, algos, capsys):
     assert "fake_a" in table and "fake_b" in table and "(n=2)" in table
     with pytest.raises(SystemExit):
         bm.main(["run", "--definition", str(tmp_path / "nope.toml")])
+
+
+def test_definition_with_sub_grids(tmp_path, algos):
+    """[[grids]]: every algorithm on one task, one of them on more; shared runs count once."""
+    d = tmp_path / "def.toml"
+    d.write_text(textwrap.dedent(f'''
+        env = "bridge"
+        qualities = ["mix"]
+        seeds = [0, 1]
+        [algos]
+        "{algos[0]}" = ""
+        "{algos[1]}" = ""
+        [[grids]]
+        tasks = ["hard"]
+        [[grids]]
+        algos = ["{algos[1]}"]
+        tasks = ["hard", "easy"]
+        qualities = ["mix", "random"]
+    '''))
+    specs, _ = bm.specs_from_args(bm.RunArgs(definition=str(d)))
+    names = sorted((Path(s.algo).stem, s.task, s.quality, s.seed) for s in specs)
+    assert len(names) == len(set(names)) == 2 * 2 + 2 * 2 * 2 - 2  # (b, hard, mix) is in both grids
+    assert {n[:3] for n in names if n[0] == "fake_a"} == {("fake_a", "hard", "mix")}
+    d.write_text(d.read_text().replace(f'algos = ["{algos[1]}"]', 'algos = ["other.py"]'))
+    with pytest.raises(bm.BenchmarkError, match="not in \\[algos\\]"):
+        bm.specs_from_args(bm.RunArgs(definition=str(d)))
 
 
 def test_slurm_backend_with_submitit_local_executor(tmp_path, algos):

@@ -128,6 +128,8 @@ def test_code_points_to_docs_that_exist():
             continue
         text = (ROOT / name).read_text(encoding="utf-8")
         for lineno, line in enumerate(text.splitlines(), 1):
+            if name.endswith(".toml") and re.match(r"\s*(table|plots)\s*=", line):
+                continue  # a benchmark definition's output destination: written when the grid runs
             for page, anchor in DOC_REF.findall(line):
                 dest = ROOT / "docs" / page
                 if not dest.is_file():

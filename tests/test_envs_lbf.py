@@ -1,0 +1,159 @@
+"""Level-Based Foraging: the wrapper against the lbforaging package (observations, team
+reward, available actions), termination vs the time limit, the state, task names."""
+
+import copy
+
+import numpy as np
+import pytest
+
+gymnasium = pytest.importorskip("gymnasium")
+pytest.importorskip("lbforaging")
+
+from common.envs import EnvError, make_env  # noqa: E402
+from common.scripted import LBFExpert  # noqa: E402
+
+
+@pytest.mark.parametrize("task,n,f", [("8x8-2p-2f-coop", 2, 2), ("10x10-3p-3f", 3, 3), ("15x15-4p-3f", 4, 3),
+                                      ("2s-8x8-2p-2f", 2, 2)])
+def test_dimensions(task, n, f):
+    env = make_env("lbf", task)
+    assert (env.n_agents, env.obs_dim, env.state_dim, env.n_actions) == (n, 3 * (f + n), 3 * (f + n), 6)
+    assert env.discrete and env.episode_limit == 50
+    obs, state, avail = env.reset(seed=0)
+    assert obs.shape == (n, 3 * (f + n)) and obs.dtype == np.float32 and state.dtype == np.float32
+    assert avail.shape == (n, 6) and avail.dtype == bool and avail[:, 0].all()
+
+
+def test_observations_and_team_reward_match_the_package():
+    """Same seed, same actions: the package's observations, the sum of its rewards, and
+    its done flag (= terminated or truncated) at every step."""
+    hits = 0
+    for seed in range(6):
+        env = make_env("lbf", "8x8-2p-2f")
+        ref = gymnasium.make("Foraging-8x8-2p-2f-v3", disable_env_checker=True)
+        obs, _, avail = env.reset(seed=seed)
+        ref_obs, _ = ref.reset(seed=seed)
+        rng = np.random.default_rng(seed)
+        expert = LBFExpert()
+        expert.reset(env, rng)
+        while True:
+            np.testing.assert_array_equal(obs, np.stack(ref_obs))
+            a = expert(env, obs, None, avail) if rng.random() < 0.5 else rng.integers(0, 6, size=2)
+            obs, _, avail, r, term, trunc, _ = env.step(a)
+            ref_obs, ref_r, ref_done, _, _ = ref.step(a.tolist())
+            assert r == pytest.approx(sum(ref_r), abs=1e-12) and (term or trunc) == ref_done
+            hits += r > 0
+            if ref_done:
+                break
+    assert hits > 0  # some food was loaded, so the sum was tested on non-zero rewards
+
+
+def test_available_actions_are_the_packages_valid_actions():
+    """An action marked unavailable is one the package turns into 'none': stepping a copy
+    of the game with it gives exactly what 'none' gives; every available move moves."""
+    env = make_env("lbf", "10x10-3p-3f")
+    rng = np.random.default_rng(0)
+    checked = 0
+    for seed in range(3):
+        obs, state, avail = env.reset(seed=seed)
+        for _ in range(25):
+            for i in range(env.n_agents):
+                for a in range(6):
+                    base = np.zeros(env.n_agents, dtype=np.int64)  # the others stay
+                    acts = base.copy()
+                    acts[i] = a
+                    g1, g2 = copy.deepcopy(env.game), copy.deepcopy(env.game)
+                    g1.step(acts.tolist())
+                    g2.step(base.tolist())
+                    same = [p.position for p in g1.players] == [p.position for p in g2.players] and \
+                        (g1.field == g2.field).all()
+                    if not avail[i, a]:
+                        assert same
+                        checked += 1
+                    elif 1 <= a <= 4:  # an available move into a cell no other agent stands on
+                        y, x = env.game.players[i].position
+                        to = (y + (-1, 1, 0, 0)[a - 1], x + (0, 0, -1, 1)[a - 1])
+                        if all(p.position != to for p in env.game.players):
+                            assert g1.players[i].position == to
+            obs, state, avail, r, term, trunc, _ = env.step((rng.random(avail.shape) * avail).argmax(-1))
+            if term or trunc:
+                break
+    assert checked > 50
+
+
+def test_collecting_everything_terminates_with_return_one():
+    env = make_env("lbf", "8x8-2p-2f-coop")
+    expert = LBFExpert()
+    for seed in range(3):
+        obs, state, avail = env.reset(seed=seed)
+        expert.reset(env, np.random.default_rng(seed))
+        total, t = 0.0, 0
+        while True:
+            obs, state, avail, r, term, trunc, _ = env.step(expert(env, obs, state, avail))
+            total, t = total + r, t + 1
+            if term or trunc:
+                break
+        assert term and not trunc and t < 50 and total == pytest.approx(1.0)
+        assert (state[:6].reshape(2, 3) == [-1, -1, 0]).all()  # no food left in the state
+        with pytest.raises(RuntimeError, match="reset"):
+            env.step(np.zeros(2, dtype=np.int64))
+
+
+def test_time_limit_is_truncation():
+    for limit in (50, 7):
+        env = make_env("lbf", "8x8-2p-2f-coop", **({} if limit == 50 else {"episode_limit": limit}))
+        assert env.episode_limit == limit
+        for seed in range(2):
+            env.reset(seed=seed)
+            flags = [env.step(np.zeros(2, dtype=np.int64))[4:6] for _ in range(limit)]
+            assert flags == [(False, False)] * (limit - 1) + [(False, True)]
+
+
+def test_state_is_the_full_sight_view_in_agent_order():
+    full = make_env("lbf", "8x8-2p-2f")
+    part = make_env("lbf", "2s-8x8-2p-2f")
+    rng = np.random.default_rng(1)
+    differs = False
+    for seed in range(3):
+        o1, s1, a1 = full.reset(seed=seed)
+        o2, s2, a2 = part.reset(seed=seed)
+        for _ in range(20):
+            np.testing.assert_array_equal(s1, o1[0])  # agent 0 sees everything, itself first
+            np.testing.assert_array_equal(s1, s2)  # the state does not depend on sight
+            np.testing.assert_array_equal(a1, a2)
+            differs |= not np.array_equal(o1, o2)
+            a = (rng.random(a1.shape) * a1).argmax(-1)
+            o1, s1, a1, _, t1, u1, _ = full.step(a)
+            o2, s2, a2, _, t2, u2, _ = part.step(a)
+            if t1 or u1:
+                break
+    assert differs  # sight 2 hides something
+
+
+def test_task_names():
+    assert make_env("lbf", "Foraging-8x8-2p-2f-coop-v3").n_agents == 2
+    with pytest.raises(EnvError, match="unknown lbf task.*8x8-2p-2f-coop"):
+        make_env("lbf", "8x8-2p")
+    with pytest.raises(EnvError, match="unknown lbf task"):
+        make_env("lbf", "Foraging-grid-8x8-2p-2f-v3")
+    with pytest.raises(EnvError, match="unknown lbf option"):
+        make_env("lbf", "8x8-2p-2f", sight=2)
+    with pytest.raises(EnvError, match="episode_limit"):
+        make_env("lbf", "8x8-2p-2f", episode_limit=0)
+
+
+def test_deterministic_under_seed():
+    def run(seed):
+        env = make_env("lbf", "10x10-3p-3f")
+        rng = np.random.default_rng(0)
+        obs, _, avail = env.reset(seed=seed)
+        out = [obs]
+        for _ in range(30):
+            obs, _, avail, _, term, trunc, _ = env.step((rng.random(avail.shape) * avail).argmax(-1))
+            out.append(obs)
+            if term or trunc:
+                break
+        return np.concatenate(out)
+
+    np.testing.assert_array_equal(run(3), run(3))
+    assert not np.array_equal(run(3), run(4))

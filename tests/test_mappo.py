@@ -1,0 +1,144 @@
+"""The learning-run recipe (common/mappo.py): GAE and the normalisers against direct
+computations, masked sampling, learning a small Level-Based Foraging task, resuming, and
+the whole command on the StarCraft stand-in ending where the catalog looks."""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from common import catalog, collect, mappo
+from common.data import OfflineDataset
+
+
+def test_gae_extremes_against_direct_sums():
+    """lambda = 1: the discounted return to the end of the segment (plus the bootstrap
+    value where the rollout stops or the time limit cut), minus V; lambda = 0: the TD error."""
+    g = torch.Generator().manual_seed(0)
+    T, E, N, gamma = 9, 3, 2, 0.9
+    reward = torch.rand(T, E, N, generator=g)
+    value = torch.rand(T, E, N, generator=g)
+    next_value = torch.rand(E, N, generator=g)
+    done = (torch.rand(T, E, generator=g) < 0.3).float()
+    adv1 = mappo.gae(reward, value, done, next_value, gamma, 1.0)
+    adv0 = mappo.gae(reward, value, done, next_value, gamma, 0.0)
+    for e in range(E):
+        for t in range(T):
+            ret, k = 0.0, t
+            while True:
+                ret = ret + gamma ** (k - t) * reward[k, e]
+                if done[k, e]:
+                    break
+                if k == T - 1:
+                    ret = ret + gamma ** (T - t) * next_value[e]
+                    break
+                k += 1
+            torch.testing.assert_close(adv1[t, e], ret - value[t, e])
+            nv = next_value[e] if t == T - 1 else value[t + 1, e]
+            torch.testing.assert_close(adv0[t, e], reward[t, e] + gamma * nv * (1 - done[t, e]) - value[t, e])
+
+
+def test_running_norm_is_the_mean_and_variance_of_everything_seen():
+    rng = np.random.default_rng(0)
+    norm = mappo.RunningNorm(3)
+    batches = [rng.normal(2.0, 3.0, size=(n, 3)) for n in (5, 17, 1, 40)]
+    for b in batches:
+        norm.update(torch.as_tensor(b))
+    every = np.concatenate(batches)
+    np.testing.assert_allclose(norm.mean.numpy(), every.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(norm.var.numpy(), every.var(0), rtol=1e-10)
+    x = torch.as_tensor(every[:4], dtype=torch.float64)
+    torch.testing.assert_close(norm.denorm(norm(x)), x)
+
+
+def test_unavailable_actions_are_never_drawn():
+    model = mappo.ActorCritic(n_agents=3, obs_dim=4, state_dim=5, n_actions=6, hidden=16, critic="state")
+    avail = torch.rand(64, 3, 6) < 0.4
+    avail[..., 0] = True
+    d = model.dist(torch.randn(64, 3, 4) * 5, avail)
+    assert (d.probs[~avail] == 0).all() and torch.isfinite(d.entropy()).all()
+    assert avail.gather(-1, d.sample().unsqueeze(-1)).all()
+    assert model.value(torch.randn(64, 3, 4), torch.randn(64, 5)).shape == (64, 3)
+
+
+def lbf_config(tmp_path, **kw):
+    return mappo.LearnConfig(**{**dict(env="lbf", task="5x5-2p-1f-coop", total_steps=16_000, record=20,
+                                       run_dir=str(tmp_path / "run"), progress=False), **kw})
+
+
+@pytest.mark.slow
+def test_learns_a_small_foraging_task(tmp_path):
+    """From a team that almost never loads the food together to one that always does, in
+    16k steps; the recorded episodes spread over the run show it."""
+    pytest.importorskip("lbforaging")
+    ds = mappo.learn(lbf_config(tmp_path))
+    ret = ds.episode_returns()
+    steps = ds.meta["provenance"]["recorded_at_step"]
+    assert ds.n_episodes == 20 and steps == sorted(steps) and steps[0] < 1500 and steps[-1] >= 15_000
+    assert ret[:5].mean() <= 0.4 and ret[-5:].mean() >= 0.9
+    assert ds.meta["quality"] == "medium-replay" and ds.meta["env"] == "lbf"
+    a = {k: np.asarray(v) for k, v in ds.arrays.items()}
+    rows = ~a["last"]
+    assert a["avail"][rows][np.arange(rows.sum())[:, None], np.arange(2)[None], a["actions"][rows]].all()
+    # the checkpoint is a policy for common.collect policy
+    act = collect.load_act_fn(tmp_path / "run" / "checkpoint.pt")
+    out = act(a["obs"][:3], a["state"][:3], a["avail"][:3])
+    assert tuple(out.shape) == (3, 2)
+
+
+def test_resumes_after_an_interruption(tmp_path, monkeypatch):
+    pytest.importorskip("lbforaging")
+    cfg = lbf_config(tmp_path, task="5x5-2p-1f", total_steps=2048, record=6, rollout=16, checkpoint_every=0.0)
+    calls = {"n": 0}
+    real = mappo.ppo_losses
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4 * 4 * 6 + 1:  # in the 7th update (4 epochs x 4 minibatches each)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mappo, "ppo_losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mappo.learn(cfg)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["updates"] == 6 and ck["state"]["step"] == 6 * 16 * 8
+    ds = mappo.learn(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [128 * k for k in range(1, 17)]  # 6 before, 10 after: none twice
+    assert ds.n_episodes == 6 and len(list((tmp_path / "run" / "episodes").glob("*.npz"))) == 6
+    with pytest.raises(Exception, match="different learning run"):
+        mappo.learn(lbf_config(tmp_path, task="5x5-2p-1f", total_steps=9999, record=6))
+
+
+def test_learn_command_on_the_starcraft_stand_in(tmp_path, monkeypatch):
+    """`python -m common.collect learn` for the user's SMACv2 example, on the stand-in
+    game: the dataset lands where `comadice.py --env smacv2 --task protoss_5_vs_5` looks."""
+    from test_envs_smac import FakeCapabilityWrapper, FakeStarCraft2EnvV2, game_dir
+
+    for package, members in [("smacv2", {"StarCraft2Env": FakeStarCraft2EnvV2,
+                                         "StarCraftCapabilityEnvWrapper": FakeCapabilityWrapper})]:
+        top, sub = types.ModuleType(package), types.ModuleType(f"{package}.env")
+        for k, v in members.items():
+            setattr(sub, k, v)
+        top.env = sub
+        monkeypatch.setitem(sys.modules, package, top)
+        monkeypatch.setitem(sys.modules, f"{package}.env", sub)
+    monkeypatch.setenv("SC2PATH", str(game_dir(tmp_path)))
+    monkeypatch.setenv("OFFLINE_MARL_DATA", str(tmp_path / "data"))
+    with pytest.raises(Exception, match="common.collect learn --env smacv2 --task protoss_5_vs_5 --quality mix"):
+        catalog.resolve("smacv2", "protoss_5_vs_5", "mix")
+    path = collect.main(["learn", "--env", "smacv2", "--task", "protoss_5_vs_5", "--quality", "mix",
+                         "--total-steps", "1024", "--record", "5", "--rollout", "32", "--no-progress"])
+    assert path == tmp_path / "data" / "smacv2" / "protoss_5_vs_5" / "mix"
+    ds = OfflineDataset.load(catalog.resolve("smacv2", "protoss_5_vs_5", "mix"))
+    m = ds.meta
+    assert (m["env"], m["n_agents"], m["n_actions"], ds.n_episodes) == ("smacv2", 5, 11, 5)
+    assert m["provenance"]["command"].startswith("python -m common.collect learn --env smacv2")
+    assert (tmp_path / "data" / "learn" / "smacv2" / "protoss_5_vs_5" / "mix-seed0" / "checkpoint.pt").is_file()
+    a = {k: np.asarray(v) for k, v in ds.arrays.items()}
+    rows = np.flatnonzero(~a["last"])
+    assert a["avail"][rows[:, None], np.arange(5)[None], a["actions"][rows]].all()  # dead agents only no-op
