@@ -241,8 +241,10 @@ class QMixer(nn.Module):
 
     def forward(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         b, ones = s.shape[0], (1,) * (q.dim() - 2)
-        w1 = self.w1(s).abs().view(b, *ones, self.n, self.e)
-        h = F.elu((q.unsqueeze(-2) @ w1).squeeze(-2) + self.b1(s).view(b, *ones, self.e))
+        w1 = self.w1(s).abs().view(b, self.n, self.e)
+        # one [R, N] @ [N, E] product per state for all R joint inputs of that state (not R products of [1, N])
+        qw = torch.bmm(q.reshape(b, -1, self.n), w1).view(*q.shape[:-1], self.e)
+        h = F.elu(qw + self.b1(s).view(b, *ones, self.e))
         return (h * self.w2(s).abs().view(b, *ones, self.e)).sum(-1) + self.v(s).view(b, *ones)
 
 
