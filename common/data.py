@@ -28,6 +28,7 @@ device when it fits and otherwise samples rows straight from the mapped files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -510,6 +511,23 @@ class OfflineDataset:
         self._episode_of_row = np.repeat(np.arange(len(es) - 1), np.diff(es))
         self._tt: dict[str, torch.Tensor] = {}  # index tables and per-row scalars on the device
         self._views: dict[str, np.ndarray] = {}  # plain ndarray views of the mapped arrays
+        self._fingerprints: dict[tuple[str, ...], str] = {}
+
+    def fingerprint(self, fields: Sequence[str] = ARRAY_FIELDS) -> str:
+        """A digest of the dataset's contents: the dtype, shape and every byte of ``fields`` (e.g. only
+        what a model reads, to key a model trained on it). Memory-mapped arrays are read in chunks;
+        the digest is computed once per set of fields."""
+        key = tuple(fields)
+        if key not in self._fingerprints:
+            h = hashlib.blake2b(digest_size=20)
+            for k in key:
+                a = self._mapped(k)
+                h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+                step = max(1, (1 << 26) // max(1, a.nbytes // max(1, len(a))))  # about 64 MB a chunk
+                for lo in range(0, len(a), step):
+                    h.update(np.ascontiguousarray(a[lo: lo + step]).data)
+            self._fingerprints[key] = h.hexdigest()
+        return self._fingerprints[key]
 
     def episode_returns(self, gamma: float = 1.0) -> np.ndarray:
         """Discounted return of every episode, ``[E]``."""
