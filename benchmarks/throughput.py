@@ -379,6 +379,7 @@ def main() -> None:
                    help="JSON lines of every measurement (an interrupted run resumes from it)")
     p.add_argument("--fresh", action="store_true", help="ignore the results of an earlier run")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "throughput.md"))
+    p.add_argument("--note", default="", help="a paragraph for the top of the table (e.g. the conditions)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -448,6 +449,8 @@ def write_table(rows: list[dict], a, started: dict) -> None:
              f"torch {torch.__version__}, device {a.device}. Load average (1, 5, 15 min) at the start: "
              f"{started['load']}; at the end: {load_now()}. How each number is measured: "
              "[benchmarks/throughput.py](../../benchmarks/throughput.py) (its docstring).", ""]
+    if a.note:
+        lines += [a.note, ""]
     files = [r for r in rows if r.get("kind", "file") == "file"]
     by = {key(r): r for r in files}
 
@@ -470,28 +473,41 @@ def write_table(rows: list[dict], a, started: dict) -> None:
             continue
         lines += [f"## {names[shape]}", "",
                   f"Updates per second: \"update\" is the update step alone (one pre-drawn batch), \"loop\" the "
-                  f"training loop with its own sampling. \"loop/update\": fp32, {th_ref} thread(s). \"x ComaDICE\": "
-                  f"this file's update rate over ComaDICE's (fp32, {th_ref} thread(s)); GFLOP/update: matrix-product "
-                  "FLOPs of one update (forward and backward); GFLOP/s: those FLOPs times the fp32 update rate "
-                  f"({th_ref} thread(s)), i.e. how well the file uses the processor; batch: the file's default "
-                  "batch size (transitions, or sequences for ICQ and MADTKD).", ""]
+                  f"training loop with its own sampling. The last columns are at fp32, {th_ref} thread(s): "
+                  "\"loop/update\"; \"x ComaDICE\", this file's update rate over ComaDICE's; \"FLOPs x ComaDICE\", "
+                  "its matrix-product FLOPs per update (forward and backward, the GFLOP/update column) over "
+                  "ComaDICE's; \"per FLOP\", the product of the two: the file's FLOP rate over ComaDICE's (below "
+                  "0.5, the file is slow for reasons other than the work it does); GFLOP/s, its FLOP rate. batch: "
+                  "the file's default batch size (transitions; sequences for ICQ and MADTKD).", ""]
         cols = [(p, t, m) for p in precs for t in th_list for m in ("update", "loop")]
         lines.append("| file | batch | GFLOP/update | " + " | ".join(f"{m} {p} {t}t" for p, t, m in cols)
-                     + " | loop/update | x ComaDICE | GFLOP/s | peak RSS MB |")
-        lines.append("|" + "---|" * (len(cols) + 7))
-        ref = rate("comadice.py", shape, "update", "fp32", th_ref)
-        for f in present:
+                     + " | loop/update | x ComaDICE | FLOPs x ComaDICE | per FLOP | GFLOP/s | peak RSS MB |")
+        lines.append("|" + "---|" * (len(cols) + 9))
+
+        def gflop(f):
             fl = by.get(("file", f, shape, "flops", "fp32", 1, False, None))
-            gf = None if fl is None or fl.get("flops") is None else fl["flops"] / 1e9
+            return None if fl is None or fl.get("flops") is None else fl["flops"] / 1e9
+
+        ref, ref_gf = rate("comadice.py", shape, "update", "fp32", th_ref), gflop("comadice.py")
+        slow = []
+        for f in present:
+            gf = gflop(f)
             vals = [rate(f, shape, m, p, t) for p, t, m in cols]
             up, lp = rate(f, shape, "update", "fp32", th_ref), rate(f, shape, "loop", "fp32", th_ref)
             rss = max((r["peak_rss_mb"] for r in files if r["file"] == f and r["shape"] == shape and not r["compile"]),
                       default=None)
             batch = next((r.get("batch_size") for r in files if r["file"] == f and r["shape"] == shape), None)
+            speed = up / ref if up and ref else None
+            work = gf / ref_gf if gf and ref_gf else None
+            per = speed * work if speed and work else None
+            if speed is not None and speed < 0.5:
+                slow.append(f"{f} ({speed:.2f}x ComaDICE's rate, {fmt(work, 1)}x its FLOPs: {fmt(per, 2)} per FLOP)")
             lines.append(f"| {f} | {batch or '-'} | {fmt(gf, 3)} | " + " | ".join(fmt(v) for v in vals) +
-                         f" | {fmt(lp / up if up and lp else None, 2)} | {fmt(up / ref if up and ref else None, 2)}"
+                         f" | {fmt(lp / up if up and lp else None, 2)} | {fmt(speed, 2)} | {fmt(work, 2)} | {fmt(per, 2)}"
                          f" | {fmt(gf * up if gf and up else None, 0)} | {fmt(rss, 0)} |")
         lines.append("")
+        if slow:
+            lines += ["Below half of ComaDICE's update rate: " + "; ".join(slow) + ".", ""]
     comp = [r for r in files if r["compile"]]
     if comp:
         lines += ["## torch.compile (inductor)", "",
