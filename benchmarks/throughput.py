@@ -53,6 +53,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,11 @@ class Clock:
 
         Run.record = record
         self.reset(0, 0, 0, False, "cpu")
+
+    def close(self) -> None:
+        from common.runs import Run
+
+        Run.record = self.orig
 
     def reset(self, warmup: float, seconds: float, min_warmup: int, count_flops: bool, device: str) -> None:
         self.warmup, self.seconds, self.min_warmup, self.count_flops = warmup, seconds, min_warmup, count_flops
@@ -246,6 +252,7 @@ def child(spec: dict) -> None:
             print("RESULT " + json.dumps(out), flush=True)
             shutil.rmtree(tmp / f"run{i}", ignore_errors=True)
     finally:
+        clock.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -348,8 +355,7 @@ def configs_for(a, file: str, shape: str) -> list[dict]:
             for mode in ("update", "loop"):
                 out.append(dict(mode=mode, precision=prec, threads=th, compile=False))
     if a.compile and file in a.compile_files and shape in a.compile_shapes:
-        th = max(a.threads)
-        out += [dict(mode=m, precision="fp32", threads=th, compile=True) for m in ("update", "loop")]
+        out += [dict(mode=m, precision="fp32", threads=th, compile=True) for th in a.threads for m in ("update", "loop")]
     return out
 
 
@@ -398,6 +404,7 @@ def main() -> None:
         tmp = Path(tmp)
         if not a.no_sampler and not any(r.get("kind") == "sampler" for r in done):
             for r in sampler_benchmark(a, tmp):
+                r["load"], r["time"] = load_now(), time.strftime("%Y-%m-%d %H:%M")
                 done.append(r)
                 with res_path.open("a") as f:
                     f.write(json.dumps(r) + "\n")
@@ -418,7 +425,7 @@ def main() -> None:
                                       capture_output=True, text=True)
                 got = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 for r in got:
-                    r["load"] = load_now()
+                    r["load"], r["time"] = load_now(), time.strftime("%Y-%m-%d %H:%M")
                     done.append(r)
                     have.add(key(r))
                     with res_path.open("a") as f:
@@ -434,6 +441,11 @@ def main() -> None:
 
 
 # ===================================================================== table
+def first_wall(rs: list[dict], threads: int) -> str:
+    """Seconds from start to the end of the measurement of the first compiled setting (with compilation)."""
+    return f"{rs[0]['wall_s']:.0f}" if rs and rs[0]["threads"] == threads else "-"
+
+
 def write_table(rows: list[dict], a, started: dict) -> None:
     import torch
 
@@ -441,13 +453,20 @@ def write_table(rows: list[dict], a, started: dict) -> None:
                             cwd=ROOT).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=ROOT).stdout.strip()
-    cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    argv, shown = sys.argv[1:], []
+    for i, x in enumerate(argv):  # the note is printed below the command, not inside it
+        shown.append("NOTE" if i and argv[i - 1] == "--note" else (shlex.quote(x) if x != "--note" else x))
+    cmd = "python benchmarks/throughput.py " + " ".join(shown)
     wait = os.environ.get("OMP_WAIT_POLICY", "")
+    times = sorted(r["time"] for r in rows if "time" in r)
+    when = f"{times[0]} to {times[-1]}" if times and len(times) == len(rows) else f"table written {started['time']}"
+    loads = sorted(float(r["load"].split()[0]) for r in rows if "load" in r)
+    load = (f"The 1-minute load average, read after each (file, shape): {loads[0]:.1f} to {loads[-1]:.1f} "
+            f"(median {loads[len(loads) // 2]:.1f})." if loads else f"Load average at the start: {started['load']}.")
     lines = ["# Throughput", "",
              f"Measured with `{'OMP_WAIT_POLICY=' + wait + ' ' if wait else ''}{cmd.strip()}` at commit "
-             f"{commit}{' (with uncommitted changes)' if dirty else ''}, {started['time']}, on {machine()}, "
-             f"torch {torch.__version__}, device {a.device}. Load average (1, 5, 15 min) at the start: "
-             f"{started['load']}; at the end: {load_now()}. How each number is measured: "
+             f"{commit}{' (with uncommitted changes)' if dirty else ''}, {when}, on {machine()}, "
+             f"torch {torch.__version__}, device {a.device}. {load} How each number is measured: "
              "[benchmarks/throughput.py](../../benchmarks/throughput.py) (its docstring).", ""]
     if a.note:
         lines += [a.note, ""]
@@ -512,20 +531,21 @@ def write_table(rows: list[dict], a, started: dict) -> None:
     if comp:
         lines += ["## torch.compile (inductor)", "",
                   "Steady-state updates/s after the compilation (warm-up: "
-                  f"{a.compile_warmup} updates), fp32, next to the same file eagerly in the same process. "
-                  "Compiling is done per network (`Run.compile`, docs/architecture.md).", "",
+                  f"{a.compile_warmup} updates), fp32, next to the same file eagerly. Compiling is done per network "
+                  "(`Run.compile`, docs/architecture.md). The last column is the first compiled setting's time "
+                  "from its start to the end of its measurement, compilation included (later settings reuse "
+                  "inductor's on-disk cache).", "",
                   "| file | shape | threads | update eager | update compiled | loop eager | loop compiled | "
                   "compile + warm-up s |", "|---|---|---|---|---|---|---|---|"]
         for f in FILES:
             for shape in SHAPES:
                 rs = [r for r in comp if r["file"] == f and r["shape"] == shape]
-                if not rs:
-                    continue
-                t = rs[0]["threads"]
-                wall = max(r["wall_s"] for r in rs) - a.seconds
-                lines.append(f"| {f} | {shape} | {t} | {fmt(rate(f, shape, 'update', 'fp32', t))} | "
-                             f"{fmt(rate(f, shape, 'update', 'fp32', t, True))} | {fmt(rate(f, shape, 'loop', 'fp32', t))} | "
-                             f"{fmt(rate(f, shape, 'loop', 'fp32', t, True))} | {wall:.0f} |")
+                for t in sorted({r["threads"] for r in rs}):
+                    lines.append(f"| {f} | {shape} | {t} | {fmt(rate(f, shape, 'update', 'fp32', t))} | "
+                                 f"{fmt(rate(f, shape, 'update', 'fp32', t, True))} | "
+                                 f"{fmt(rate(f, shape, 'loop', 'fp32', t))} | "
+                                 f"{fmt(rate(f, shape, 'loop', 'fp32', t, True))} | "
+                                 f"{first_wall(rs, t)} |")
         lines.append("")
     samp = [r for r in rows if r.get("kind") == "sampler"]
     if samp:
