@@ -20,8 +20,13 @@ Agents share weights and see a one-hot id, all in one forward pass.
 """
 
 import copy
+import hashlib
+import json
 import math
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -114,6 +119,9 @@ class Args:
     """continuous: Polyak rate of the target critics, mixers and actor"""
     behaviour_steps: int = 10_000
     """updates of the behaviour model (behaviour cloning) before training; it is then frozen"""
+    behaviour_cache: bool = True
+    """keep the behaviour model in the data cache ($OFFLINE_MARL_DATA/behaviour) and reuse it on the same data
+    with the same behaviour settings: it is trained once per dataset"""
     n_action_samples: int = 10
     """continuous: samples of agent i's action per proposal (uniform, pi(.|o), pi(.|o')) in Eq. F2"""
     policy_noise: float = 0.2
@@ -241,8 +249,10 @@ class QMixer(nn.Module):
 
     def forward(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         b, ones = s.shape[0], (1,) * (q.dim() - 2)
-        w1 = self.w1(s).abs().view(b, *ones, self.n, self.e)
-        h = F.elu((q.unsqueeze(-2) @ w1).squeeze(-2) + self.b1(s).view(b, *ones, self.e))
+        w1 = self.w1(s).abs().view(b, self.n, self.e)
+        # one [R, N] @ [N, E] product per state for all R joint inputs of that state (not R products of [1, N])
+        qw = torch.bmm(q.reshape(b, -1, self.n), w1).view(*q.shape[:-1], self.e)
+        h = F.elu(qw + self.b1(s).view(b, *ones, self.e))
         return (h * self.w2(s).abs().view(b, *ones, self.e)).sum(-1) + self.v(s).view(b, *ones)
 
 
@@ -339,6 +349,82 @@ def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None
     return act_fn
 
 
+# ============================================================ behaviour model
+BEHAVIOUR_SEED = 0  # the behaviour model's own seed: it depends on the data and its settings, not on --seed
+BEHAVIOUR_VERSION = 1  # bump when the behaviour model or its training changes: older cache files are then ignored
+BEHAVIOUR_FIELDS = ("obs", "actions", "avail", "last")  # what behaviour cloning reads of the dataset
+
+
+def behaviour_key(data, beh: nn.Module, args: Args, lr: float, discrete: bool) -> dict[str, Any]:
+    """Everything the behaviour model depends on: the data it reads (a digest of its bytes), its shapes
+    and its training settings."""
+    return {"algo": ALGO, "version": BEHAVIOUR_VERSION, "data": data.fingerprint(BEHAVIOUR_FIELDS),
+            "discrete": discrete, "shapes": {k: list(v.shape) for k, v in beh.state_dict().items()},
+            "steps": args.behaviour_steps, "batch_size": args.batch_size, "lr": lr, "grad_clip": args.grad_clip,
+            "seed": BEHAVIOUR_SEED}
+
+
+def behaviour_cache_path(key: dict[str, Any]) -> Path:
+    """``<data cache>/behaviour/cfcql-<digest of the key>.pt`` (never inside a --dataset folder)."""
+    from common.data import data_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return data_dir() / "behaviour" / f"{ALGO}-{digest}.pt"
+
+
+def fit_behaviour(beh: nn.Module, data, args: Args, lr: float, discrete: bool) -> str:
+    """beta_i by behaviour cloning: ``--behaviour-steps`` Adam updates on batches of the data, from the
+    fixed ``BEHAVIOUR_SEED`` (initial weights and batches; the run's own random streams are left as they
+    were), so the model is a function of the data and these settings only. With ``--behaviour-cache`` it
+    is saved under the data cache (atomically; read back with a weights-only load) and later runs on the
+    same data with the same settings load it instead of training again. Returns what was done."""
+    key = behaviour_key(data, beh, args, lr, discrete) if args.behaviour_cache else None
+    path = behaviour_cache_path(key) if key is not None else None
+    device = next(beh.parameters()).device
+    if path is not None and path.is_file():
+        try:
+            saved = torch.load(path, map_location=device, weights_only=True)
+            if isinstance(saved, dict) and saved.get("key") == key:
+                beh.load_state_dict(saved["state_dict"])
+                return f"loaded from {path}"
+        except Exception:  # unreadable (e.g. cut short): trained again and rewritten
+            pass
+    run_generator = data.generator
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(BEHAVIOUR_SEED)
+        for m in beh.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        data.seed(BEHAVIOUR_SEED)
+        opt = torch.optim.Adam(beh.parameters(), lr=lr)
+        try:
+            for _ in tqdm(range(args.behaviour_steps), desc="behaviour model", mininterval=2.0, dynamic_ncols=True):
+                b = data.sample(args.batch_size)
+                x = with_agent_id(b["obs"])
+                if discrete:
+                    logp = masked_log_softmax(beh(x), b["avail"], b["actions"])
+                    nll = -logp.gather(-1, b["actions"].unsqueeze(-1)).mean()
+                else:
+                    nll = -beh.log_prob(x, b["actions"]).mean()
+                opt.zero_grad(set_to_none=True)
+                nll.backward()
+                nn.utils.clip_grad_norm_(beh.parameters(), args.grad_clip)
+                opt.step()
+        finally:
+            data.generator = run_generator
+    if path is None:
+        return f"trained ({args.behaviour_steps} updates)"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save({"schema": "offline-marl-behaviour/1", "key": key,
+                    "state_dict": {k: v.detach().cpu() for k, v in beh.state_dict().items()}}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache: the run goes on without it
+        return f"trained ({args.behaviour_steps} updates; not cached: {e.strerror or e})"
+    return f"trained ({args.behaviour_steps} updates) and cached at {path}"
+
+
 # ======================================================================= main
 def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
     with torch.no_grad():
@@ -368,8 +454,7 @@ def main(args: Args) -> dict[str, Any]:
     temp = args.softmax_temp if args.softmax_temp is not None else (5.0 if discrete else 1.0)
     lr = args.lr if args.lr is not None else (5e-4 if discrete else 3e-4)
     nets = build_networks(args, dims).to(device)
-    groups = {"critic": [*nets["q"].parameters(), *nets["mixer"].parameters()],
-              "behaviour": list(nets["behaviour"].parameters())}
+    groups = {"critic": [*nets["q"].parameters(), *nets["mixer"].parameters()]}
     if not discrete:
         groups["actor"] = list(nets["actor"].parameters())
     opt = {k: torch.optim.Adam(p, lr=lr) for k, p in groups.items()}
@@ -385,15 +470,8 @@ def main(args: Args) -> dict[str, Any]:
     def behaviour_logp(x: torch.Tensor, avail: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         return masked_log_softmax(nets["behaviour"](x), avail, keep)
 
-    if temp != 0 and not run.progress.get("behaviour_done"):  # beta_i by behaviour cloning, then frozen
-        for _ in tqdm(range(args.behaviour_steps), desc="behaviour model", mininterval=2.0, dynamic_ncols=True):
-            b = data.sample(args.batch_size)
-            x = with_agent_id(b["obs"])
-            if discrete:
-                nll = -behaviour_logp(x, b["avail"], b["actions"]).gather(-1, b["actions"].unsqueeze(-1)).mean()
-            else:
-                nll = -nets["behaviour"].log_prob(x, b["actions"]).mean()
-            step_on("behaviour", nll, args.grad_clip)
+    if temp != 0 and not run.progress.get("behaviour_done"):  # beta_i by behaviour cloning (or cached), then frozen
+        print(f"{ALGO}: behaviour model {fit_behaviour(nets['behaviour'], data, args, lr, discrete)}", file=sys.stderr)
         run.progress["behaviour_done"] = True
         run.checkpoint()
     nets["behaviour"].requires_grad_(False)

@@ -242,9 +242,12 @@ class GaussianActor(nn.Module):
         mu, log_std = self.net(x).chunk(2, dim=-1)
         return mu.clamp(-9.0, 9.0), log_std.clamp(-5.0, 2.0)
 
-    def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparameterised action and its log-density (tanh change of variables), ``[..., d], [...]``."""
+    def sample(self, x: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action and its log-density (tanh change of variables), ``[..., d], [...]``;
+        with ``n``, n draws per input from one forward pass, ``[..., n, d], [..., n]``."""
         mu, log_std = self(x)
+        if n is not None:
+            mu, log_std = (t.unsqueeze(-2).expand(*t.shape[:-1], n, t.shape[-1]) for t in (mu, log_std))
         u = mu + log_std.exp() * torch.randn_like(mu)
         return torch.tanh(u), tanh_gaussian_log_prob(mu, log_std, pre_tanh=u)
 
@@ -370,9 +373,8 @@ def main(args: Args) -> dict[str, Any]:
             w2, b2 = mixer_t.weights(b["next_state"])
             y = b["reward"] + args.gamma * (1.0 - b["done"]) * ((w2 * q_t(x2, a2)).sum(-1) + b2).min(0).values
             # proposals of the penalty: uniform, pi(.|o) and pi(.|o'), M draws each, all scored at o
-            xm, xm2 = x.unsqueeze(2).expand(B, N, M, -1), x2.unsqueeze(2).expand(B, N, M, -1)
-            a_pi, logp_pi = actor.sample(xm)
-            a_pi2, logp_pi2 = actor.sample(xm2)
+            a_pi, logp_pi = actor.sample(x, M)  # M draws from one forward pass per observation
+            a_pi2, logp_pi2 = actor.sample(x2, M)
             a_u = torch.rand(B, N, M, d, device=a.device) * 2 - 1
             samples = torch.cat([a_u, a_pi, a_pi2], dim=2)  # [B, N, 3M, d]
             log_prop = torch.cat([torch.full((B, N, M), -d * math.log(2.0), device=a.device), logp_pi, logp_pi2], dim=2)

@@ -28,6 +28,7 @@ device when it fits and otherwise samples rows straight from the mapped files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -508,7 +509,25 @@ class OfflineDataset:
         self._es = es
         self._trans_rows = np.flatnonzero(~np.asarray(self.arrays["last"]))
         self._episode_of_row = np.repeat(np.arange(len(es) - 1), np.diff(es))
-        self._tt: dict[str, torch.Tensor] = {}
+        self._tt: dict[str, torch.Tensor] = {}  # index tables and per-row scalars on the device
+        self._views: dict[str, np.ndarray] = {}  # plain ndarray views of the mapped arrays
+        self._fingerprints: dict[tuple[str, ...], str] = {}
+
+    def fingerprint(self, fields: Sequence[str] = ARRAY_FIELDS) -> str:
+        """A digest of the dataset's contents: the dtype, shape and every byte of ``fields`` (e.g. only
+        what a model reads, to key a model trained on it). Memory-mapped arrays are read in chunks;
+        the digest is computed once per set of fields."""
+        key = tuple(fields)
+        if key not in self._fingerprints:
+            h = hashlib.blake2b(digest_size=20)
+            for k in key:
+                a = self._mapped(k)
+                h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+                step = max(1, (1 << 26) // max(1, a.nbytes // max(1, len(a))))  # about 64 MB a chunk
+                for lo in range(0, len(a), step):
+                    h.update(np.ascontiguousarray(a[lo: lo + step]).data)
+            self._fingerprints[key] = h.hexdigest()
+        return self._fingerprints[key]
 
     def episode_returns(self, gamma: float = 1.0) -> np.ndarray:
         """Discounted return of every episode, ``[E]``."""
@@ -551,7 +570,8 @@ class OfflineDataset:
         memory, or of the available RAM for the CPU, unless ``max_bytes`` says
         otherwise); then batches are drawn with ``torch.randint`` on the device and
         no host copy happens per step. A dataset that does not fit stays in its
-        memory-mapped files and each batch is gathered from them."""
+        memory-mapped files and each batch is gathered from them (the per-row
+        scalars, a few bytes a row, are on the device either way)."""
         self.device = torch.device(device)
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
@@ -560,15 +580,13 @@ class OfflineDataset:
         budget = free // 2 if max_bytes is None else max_bytes
         self.generator = torch.Generator(self.device)
         self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._tt = {}
         if self.nbytes <= budget:
             self._tensors = {k: torch.as_tensor(_materialise(v)).to(self.device) for k, v in self.arrays.items()}
-            self._tt = {
-                "trans": torch.as_tensor(self._trans_rows).to(self.device),
-                "episode_of_row": torch.as_tensor(self._episode_of_row).to(self.device),
-            }
         else:
             self._tensors = None
-            self._tt = {}
+        for name in ("trans", "trans_next", "init", "starts", "episode_of_row", "reward", "flags"):
+            self._row_tensor(name)
         return self
 
     def seed(self, seed: int) -> "OfflineDataset":
@@ -585,30 +603,66 @@ class OfflineDataset:
     def _randint(self, high: int, size: tuple[int, ...]) -> torch.Tensor:
         return torch.randint(0, high, size, device=self.device, generator=self.generator)
 
-    def _gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+    def _row_tensor(self, name: str) -> torch.Tensor:
+        """Index tables and per-row scalars on the device, built once: ``trans`` (transition rows),
+        ``trans_next`` ``[2, T]`` (those rows and the next), ``init`` (episode starts), ``starts``
+        (``episode_start``), ``episode_of_row``, ``reward``, ``flags`` ``[R, 3]`` bool (terminal,
+        timeout, first: the row starts an episode)."""
+        t = self._tt.get(name)
+        if t is None:
+            if name == "trans":
+                t = torch.as_tensor(self._trans_rows)
+            elif name == "trans_next":
+                t = torch.as_tensor(np.stack([self._trans_rows, self._trans_rows + 1]))
+            elif name == "init":
+                t = torch.as_tensor(self._es[:-1].copy())
+            elif name == "starts":
+                t = torch.as_tensor(self._es)
+            elif name == "episode_of_row":
+                t = torch.as_tensor(self._episode_of_row)
+            elif name == "reward":
+                t = self._tensors["reward"] if self._tensors is not None else \
+                    torch.as_tensor(np.array(self.arrays["reward"]))
+            elif name == "flags":
+                first = np.zeros(self.n_rows, dtype=bool)
+                first[self._es[:-1]] = True
+                t = torch.as_tensor(np.stack([np.asarray(self.arrays["terminal"]), np.asarray(self.arrays["timeout"]),
+                                              first], 1))
+            else:
+                raise KeyError(name)
+            t = self._tt[name] = t.to(self.device)
+        return t
+
+    def _take(self, keys: Sequence[str], rows: torch.Tensor) -> list[torch.Tensor]:
+        """The arrays ``keys`` at the 1-D ``rows``: one ``index_select`` each from the device tensors,
+        or one ``np.take`` each from the memory-mapped files (then copied to the device)."""
         if self._tensors is not None:
-            return self._tensors[key][rows]
+            return [torch.index_select(self._tensors[k], 0, rows) for k in keys]
         idx = rows.cpu().numpy()
-        flat = idx.reshape(-1)
-        order = np.argsort(flat, kind="stable")  # sorted reads from the mapped file
-        out = np.empty((flat.size,) + self.arrays[key].shape[1:], dtype=self.arrays[key].dtype)
-        out[order] = self.arrays[key][flat[order]]
-        return torch.as_tensor(out.reshape(idx.shape + out.shape[1:])).to(self.device, non_blocking=True)
+        return [torch.from_numpy(np.take(self._mapped(k), idx, axis=0)).to(self.device, non_blocking=True)
+                for k in keys]
+
+    def _mapped(self, key: str) -> np.ndarray:
+        """A plain ndarray view of the (memory-mapped) array ``key``: no copy, and no per-access
+        overhead of the ``np.memmap`` subclass."""
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = np.asarray(self.arrays[key])
+        return v
+
+    def _gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        """The array ``key`` at ``rows`` of any shape: ``[*rows.shape, *field shape]``."""
+        (x,) = self._take((key,), rows.reshape(-1))
+        return x.view(rows.shape + x.shape[1:])
 
     def _trans(self) -> torch.Tensor:
-        if "trans" not in self._tt:
-            self._tt["trans"] = torch.as_tensor(self._trans_rows).to(self.device)
-        return self._tt["trans"]
+        return self._row_tensor("trans")
 
     def _ep_of_row(self) -> torch.Tensor:
-        if "episode_of_row" not in self._tt:
-            self._tt["episode_of_row"] = torch.as_tensor(self._episode_of_row).to(self.device)
-        return self._tt["episode_of_row"]
+        return self._row_tensor("episode_of_row")
 
     def _starts(self) -> torch.Tensor:
-        if "starts" not in self._tt:
-            self._tt["starts"] = torch.as_tensor(self._es).to(self.device)
-        return self._tt["starts"]
+        return self._row_tensor("starts")
 
     # --------------------------------------------------------------- sampling
     def transition_rows(self) -> torch.Tensor:
@@ -623,17 +677,19 @@ class OfflineDataset:
         ``done`` (float: 1 where the step ended the episode for real, so targets
         do not bootstrap; 0 on time-limit cuts), ``terminal``, ``timeout``,
         ``first`` (the row starts an episode), ``rows``."""
-        nxt = rows + 1
-        ep_start = self._starts()[self._ep_of_row()[rows]]
-        term = self._gather("terminal", rows)
-        return dict(
-            obs=self._gather("obs", rows), state=self._gather("state", rows), avail=self._gather("avail", rows),
-            actions=self._gather("actions", rows), reward=self._gather("reward", rows),
-            next_obs=self._gather("obs", nxt), next_state=self._gather("state", nxt),
-            next_avail=self._gather("avail", nxt),
-            done=term.float(), terminal=term, timeout=self._gather("timeout", rows),
-            first=rows == ep_start, rows=rows,
-        )
+        return self._transitions(torch.stack([rows, rows + 1]))
+
+    def _transitions(self, both: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``transitions`` of ``both [2, B]``: the rows and the rows + 1. Each per-agent field is one
+        gather of the 2B rows (a view of each half is returned); the per-row flags are one gather."""
+        rows, n = both[0], both.shape[1]
+        obs, state, avail = self._take(("obs", "state", "avail"), both.reshape(-1))
+        (actions,) = self._take(("actions",), rows)
+        reward = torch.index_select(self._row_tensor("reward"), 0, rows)
+        term, timeout, first = torch.index_select(self._row_tensor("flags"), 0, rows).unbind(1)
+        return dict(obs=obs[:n], state=state[:n], avail=avail[:n], actions=actions, reward=reward,
+                    next_obs=obs[n:], next_state=state[n:], next_avail=avail[n:],
+                    done=term.float(), terminal=term, timeout=timeout, first=first, rows=rows)
 
     def sample(self, batch_size: int, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """A batch of transitions drawn uniformly, or with probability proportional
@@ -650,17 +706,17 @@ class OfflineDataset:
             except RuntimeError as e:  # NaN, infinite, negative or all-zero weights
                 raise DivergenceError(f"the run diverged: its sampling weights became invalid ({str(e)[:80]}); "
                                       "no result is reported") from None
-        return self.transitions(trans[pick])
+        return self._transitions(torch.index_select(self._row_tensor("trans_next"), 1, pick))
 
     def initial_rows(self) -> torch.Tensor:
         """Row index of every episode's first step, ``[E]``."""
-        return self._starts()[:-1]
+        return self._row_tensor("init")
 
     def sample_initial(self, batch_size: int) -> dict[str, torch.Tensor]:
         """Observations, states and masks of true initial states (episode starts)."""
-        rows = self.initial_rows()[self._randint(self.n_episodes, (batch_size,))]
-        return dict(obs=self._gather("obs", rows), state=self._gather("state", rows),
-                    avail=self._gather("avail", rows), rows=rows)
+        rows = torch.index_select(self._row_tensor("init"), 0, self._randint(self.n_episodes, (batch_size,)))
+        obs, state, avail = self._take(("obs", "state", "avail"), rows)
+        return dict(obs=obs, state=state, avail=avail, rows=rows)
 
     def sample_sequences(self, batch_size: int, length: int | None = None) -> dict[str, torch.Tensor]:
         """Padded sequences for recurrent and sequence models.

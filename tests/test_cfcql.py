@@ -2,6 +2,9 @@
 softmax-temperature agent weights, the monotonic mixer, learning a separable game, smoke runs."""
 
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +144,58 @@ def test_smoke_rware(tmp_path):
     env_or_skip("rware", "tiny-2ag")
     data = rollout_dataset(tmp_path / "data", "rware", "tiny-2ag", episodes=2, episode_limit=20)
     smoke_resume_eval(cfcql, tmp_path, data, "rware", "tiny-2ag", behaviour_steps=5)
+
+
+def _behaviour_run(data, run_dir, **kw):
+    base = dict(env="matrix", task="penalty_xor", quality="test", dataset=str(data), device="cpu", threads=1,
+                total_steps=2, batch_size=32, hidden=32, behaviour_steps=40, eval_episodes=0, eval_every=2,
+                log_every=1, run_dir=str(run_dir))
+    cfcql.main(cfcql.Args(**{**base, **kw}))
+    return torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["modules"]["nets"]
+
+
+def test_behaviour_model_is_trained_once_per_dataset_and_settings(tmp_path, monkeypatch, capsys):
+    """The behaviour model is cached under the data cache (never in the --dataset folder), keyed by
+    the data's bytes and the behaviour settings: a second run (another seed) loads it, and its
+    result equals a run that trained it; another setting or a changed dataset trains again; a
+    crafted cache file is never unpickled."""
+    monkeypatch.setenv("OFFLINE_MARL_DATA", str(tmp_path / "cache"))
+    data = matrix_dataset(tmp_path / "data", [(0, 1), (1, 0), (1, 1)])
+    before = sorted(p.name for p in data.iterdir())
+    first = _behaviour_run(data, tmp_path / "r1")
+    assert "trained (40 updates) and cached" in capsys.readouterr().err
+    cached = sorted((tmp_path / "cache" / "behaviour").glob("*.pt"))
+    assert len(cached) == 1 and sorted(p.name for p in data.iterdir()) == before
+    # the same data and settings, another seed: loaded, the same weights
+    again = _behaviour_run(data, tmp_path / "r2", seed=1)
+    assert f"loaded from {cached[0]}" in capsys.readouterr().err
+    beh = [k for k in first if k.startswith("behaviour.")]
+    assert beh and all(torch.equal(first[k], again[k]) for k in beh)
+    # a run that loads it is the run that trained it, to the bit (the behaviour phase uses its own seed)
+    same = _behaviour_run(data, tmp_path / "r3")
+    assert "loaded from" in capsys.readouterr().err
+    assert all(torch.equal(first[k], same[k]) for k in first)
+    fresh = _behaviour_run(data, tmp_path / "r4", behaviour_cache=False)
+    assert "trained (40 updates)" in capsys.readouterr().err
+    assert all(torch.equal(first[k], fresh[k]) for k in first)
+    # another behaviour setting: trained again, a second file
+    _behaviour_run(data, tmp_path / "r5", behaviour_steps=41)
+    assert "trained (41 updates) and cached" in capsys.readouterr().err
+    assert len(list((tmp_path / "cache" / "behaviour").glob("*.pt"))) == 2
+    # the same meta but other actions: another dataset, trained again
+    other = matrix_dataset(tmp_path / "data2", [(0, 1), (1, 0), (1, 1)], seed=1)
+    assert json.loads((other / "meta.json").read_text()) == json.loads((data / "meta.json").read_text())
+    _behaviour_run(other, tmp_path / "r6")
+    assert "trained (40 updates) and cached" in capsys.readouterr().err
+    assert len(list((tmp_path / "cache" / "behaviour").glob("*.pt"))) == 3
+    # a crafted file in place of the cache entry: refused by the weights-only load, trained again
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"key": None, "x": Evil()}, cached[0])
+    _behaviour_run(data, tmp_path / "r7")
+    assert "trained (40 updates) and cached" in capsys.readouterr().err and not marker.exists()
+    assert torch.load(cached[0], weights_only=True)["schema"] == "offline-marl-behaviour/1"

@@ -395,11 +395,12 @@ def _losses(mod, data, run_dir, monkeypatch, **kw) -> dict[str, np.ndarray]:
 # parameters and batch) within 2% + 0.01, every update of 20 within 5% + 0.05. CFCQL is the exception:
 # its discrete penalty is a small difference of counterfactual Q_tot values of order 1 (0.23 in fp32,
 # 0.20 in bf16 at the first update), and its weight alpha = 50 carries that rounding into the critic,
-# so the two runs part within a few updates (TD loss up to 0.4 apart by update 20).
+# so the two runs part within a few updates (TD loss up to 0.4 apart by update 20). Its first TD loss
+# differs by 0.3% to 2.5% (seeds 0-5 of this test's data), hence 3% there.
 BF16_FIRST = (0.02, 0.01)
 BF16_RUN = (0.05, 0.05)
 BF16_LOOSE = {("cfcql", "losses/cql_penalty"): ((0.15, 0.01), (0.05, 0.5)),
-              ("cfcql", "losses/td"): ((0.02, 0.01), (0.05, 0.5))}
+              ("cfcql", "losses/td"): ((0.03, 0.01), (0.05, 0.5))}
 
 
 @pytest.mark.parametrize("file", FILES)
