@@ -102,9 +102,11 @@ class Args:
     dataset's a_{-i}, literally Eq. 8 (biased when pi_{-i} leaves the data's support; docs)"""
     kl_samples: int = 16
     """samples a_{-i} ~ pi_{-i} for the 'policy' KL; exact enumeration when n_actions^(N-1) <= this"""
-    rho_refresh: int = 1
-    """agent turns between recomputations of the ratios rho over the whole dataset (1 = at every turn,
-    exactly Algorithm 1 line 5; larger values save time on big datasets with slightly stale weights)"""
+    rho_pool: int = 2560
+    """rows drawn uniformly from D at each agent's turn to compute the ratios rho_i on and resample D_rho_i
+    from (Algorithm 1 lines 4-6; at least --batch-size; the official code: its batch of 128 episodes x 20 steps
+    on Bridge). The cost of an iteration does not depend on the dataset's size; 0 (or a pool at least as large
+    as D): rho_i over the whole dataset at every turn, whose cost grows with |D| (docs)"""
     rho_max: float = 0.0
     """clip rho_i at this value before resampling (0 = no clip, as the paper; the official code uses 100)"""
     absorbing_horizon: int = 0
@@ -235,19 +237,26 @@ class AgentMLP(nn.Module):
                 self.biases.append(nn.Parameter(lin.bias.detach().clone() * (out_scale if k == len(sizes) - 2 else 1)))
         self.n_layers = len(sizes) - 1
 
-    def forward(self, x: torch.Tensor, agents: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, agents: list[int] | None = None, start: int = 0) -> torch.Tensor:
+        """``start=1``: ``x`` is already the first layer's pre-activation ``[M, B, hidden]``, computed by parts
+        by the caller (a one-hot input block contributes one row of the weight instead of a matmul)."""
         agents = range(self.n_agents) if agents is None else agents
-        N = self.n_agents
-        for k in range(self.n_layers):
-            if len(agents) == 1:  # one agent (its best-response update): no copy of the weights
-                w, b = self.weights[k * N + agents[0]].unsqueeze(0), self.biases[k * N + agents[0]].unsqueeze(0)
-            else:
-                w = torch.stack([self.weights[k * N + a] for a in agents])  # [M, in, out]
-                b = torch.stack([self.biases[k * N + a] for a in agents])  # [M, out]
+        if start:
+            x = F.relu(x)
+        for k in range(start, self.n_layers):
+            w, b = self.layer(k, agents)
             x = torch.baddbmm(b.unsqueeze(1), x, w)
             if k < self.n_layers - 1:
                 x = F.relu(x)
         return x
+
+    def layer(self, k: int, agents) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights ``[M, in, out]`` and biases ``[M, out]`` of layer k for the listed agents."""
+        N = self.n_agents
+        if len(agents) == 1:  # one agent (its best-response update): no copy of the weights
+            return self.weights[k * N + agents[0]].unsqueeze(0), self.biases[k * N + agents[0]].unsqueeze(0)
+        return (torch.stack([self.weights[k * N + a] for a in agents]),  # [M, in, out]
+                torch.stack([self.biases[k * N + a] for a in agents]))  # [M, out]
 
 
 def per_agent(x: torch.Tensor) -> torch.Tensor:
@@ -268,8 +277,38 @@ class ARDataPolicy(nn.Module):
         self.net = AgentMLP(N, N + state_dim + K + (N - 2) * K, K, hidden)
         others = torch.tensor([[j for j in range(N) if j != i] for i in range(N)], dtype=torch.long).view(N, N - 1)
         self.register_buffer("others", others, persistent=False)  # [N, N-1]
-        # prev[p, q] = 1 when the q-th other agent comes before the p-th one
-        self.register_buffer("prev", torch.tril(torch.ones(N - 1, max(N - 2, 0)), diagonal=-1), persistent=False)
+
+    def cond_log_probs(self, state: torch.Tensor, own: torch.Tensor, cand: torch.Tensor, avail: torch.Tensor,
+                       agents: list[int] | None = None) -> torch.Tensor:
+        """log pi^D(. | s, a_i, a_{<p}) over the K actions of every other agent p, for each agent i in ``agents``.
+
+        ``state [B, S]``; ``own [B, A, M]``: A candidate actions a_i per row (1: the dataset's; K: every action);
+        ``cand [C, B, M, N-1]``: C candidate joint actions of the others (index order) whose prefixes a_{<p}
+        are the inputs (the last other's entry is never an input); ``avail [B, N, K]``.
+        Returns ``[C, B, A, M, N-1, K]``. The first layer is computed by parts, exactly as on the
+        concatenated input [one-hot p, s, one-hot a_i, one-hot a_{<p}]: s W_s once per row, one weight
+        row per one-hot block."""
+        agents = list(range(self.N)) if agents is None else list(agents)
+        N, K, L = self.N, self.K, self.N - 1
+        C, B, A, M, S = cand.shape[0], state.shape[0], own.shape[1], len(agents), state.shape[-1]
+        W, bias = self.net.layer(0, agents)  # [M, N + S + K + (N-2)K, H], [M, H]
+        H = W.shape[-1]
+        m = torch.arange(M, device=state.device)
+        oth = self.others[agents]  # [M, L]
+        h_id = W[m[:, None], oth] + bias[:, None]  # [M, L, H]: one-hot of the predicted agent, and the bias
+        h_s = torch.einsum("bs,msh->bmh", state, W[:, N:N + S])  # [B, M, H]
+        h_own = W[:, N + S:N + S + K][m, own]  # [B, A, M, H]
+        h1 = (h_s[:, None, :, None] + h_own[:, :, :, None]).unsqueeze(0) + h_id  # [1, B, A, M, L, H]
+        if N > 2:
+            w_prev = W[:, N + S + K:].view(M, N - 2, K, H)
+            g = w_prev[m[:, None], torch.arange(N - 2, device=state.device), cand[..., : N - 2]]  # [C, B, M, N-2, H]
+            prev = torch.cat([torch.zeros_like(g[..., :1, :]), g.cumsum(-2)], -2)  # sum over q < p: [C, B, M, L, H]
+            h1 = h1 + prev[:, :, None]
+        h1 = h1.expand(C, B, A, M, L, H)
+        logits = self.net(h1.permute(3, 0, 1, 2, 4, 5).reshape(M, C * B * A * L, H), agents, start=1)
+        logits = logits.view(M, C, B, A, L, K).permute(1, 2, 3, 0, 4, 5)
+        av = avail[:, oth][None, :, None]  # [1, B, 1, M, L, K]
+        return masked_log_softmax(logits, av.expand_as(logits))
 
     def log_prob(self, state: torch.Tensor, actions: torch.Tensor, cand: torch.Tensor, avail: torch.Tensor,
                  agents: list[int] | None = None) -> torch.Tensor:
@@ -278,56 +317,44 @@ class ARDataPolicy(nn.Module):
         ``state [B, S]``, ``actions [B, N]`` (a_i is read from here), ``cand [C, B, M, N-1]``: C candidate
         joint actions of the other agents (index order), ``avail [B, N, K]``. Returns ``[C, B, M]``."""
         agents = list(range(self.N)) if agents is None else list(agents)
-        N, K = self.N, self.K
-        C, B, M = cand.shape[0], state.shape[0], len(agents)
-        oth = self.others[agents]  # [M, N-1]
-        ident = F.one_hot(oth, N).float().expand(C, B, M, N - 1, N)
-        st = state[None, :, None, None, :].expand(C, B, M, N - 1, state.shape[-1])
-        own = F.one_hot(actions[:, agents], K).float()[None, :, :, None, :].expand(C, B, M, N - 1, K)
-        oh = F.one_hot(cand, K).float()  # [C, B, M, N-1, K]
-        prev = (oh[:, :, :, None, : N - 2, :] * self.prev[:, :, None]).flatten(-2)  # [C, B, M, N-1, (N-2)K]
-        x = torch.cat([ident, st, own, prev], -1)
-        x = x.permute(2, 0, 1, 3, 4).reshape(M, C * B * (N - 1), -1)
-        logits = self.net(x, agents).view(M, C, B, N - 1, K).permute(1, 2, 0, 3, 4)
-        av = avail[:, oth]  # [B, M, N-1, K]
-        logp = masked_log_softmax(logits, av.unsqueeze(0).expand_as(logits))
+        logp = self.cond_log_probs(state, actions[:, agents].unsqueeze(1), cand, avail, agents)[:, :, 0]
         return logp.gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
-def others_kl(policy_logp: torch.Tensor, ar: ARDataPolicy, state: torch.Tensor, actions: torch.Tensor,
+def others_kl(others_logp: torch.Tensor, ar: ARDataPolicy, state: torch.Tensor, actions: torch.Tensor,
               avail: torch.Tensor, i: int, n_samples: int, generator: torch.Generator | None = None,
               all_actions: bool = False) -> torch.Tensor:
     """KL(pi_{-i}(.|s) || pi_{-i}^D(.|s, a_i)) per row ``[B]`` (the expectation over a_{-i} ~ pi_{-i} of
     the log-ratio in Eq. 5), with a_i the dataset action of agent i; with ``all_actions`` for every
-    action a_i of agent i, ``[B, K]``.
+    action a_i of agent i, ``[B, K]``. ``others_logp [B, N-1, K]``: the other agents' current (masked)
+    log-probabilities, in index order.
 
-    Exact (enumerating every joint action of the others) when there are at most ``n_samples`` of
-    them, else a Monte-Carlo mean over ``n_samples`` draws a_{-i} ~ prod_{j != i} pi_j(.|o_j).
-    ``policy_logp [B, N, K]`` are the current policies' (masked) log-probabilities."""
+    By the chain rule of the KL, with p running over the others in order,
+        KL = sum_p E_{a_{<p} ~ pi} [ KL(pi_p(.|o_p) || pi^D(.|s, a_i, a_{<p})) ],
+    and each inner KL is a sum over the K actions of agent p (Rao-Blackwellised). Only the prefixes a_{<p}
+    of the first N-2 others are random: they are enumerated (exact) when there are at most ``n_samples``
+    of them, K^(N-2), else drawn ``n_samples`` times from pi (unbiased). Two agents: exact, one row."""
     N, K = ar.N, ar.K
-    B = state.shape[0]
-    oth = ar.others[i]  # [N-1]
-    lp = policy_logp[:, oth]  # [B, N-1, K]
-    if K ** (N - 1) <= n_samples:
-        cand = torch.tensor(list(itertools.product(range(K), repeat=N - 1)), device=state.device)  # [C, N-1]
-        cand = cand[:, None, :].expand(-1, B, -1)  # [C, B, N-1]
-        lp_c = lp.unsqueeze(0).expand(cand.shape[0], -1, -1, -1)
-        logp_others = lp_c.gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
-        weight = logp_others.exp()  # pi_{-i}(cand|s): exact expectation
+    B, P = state.shape[0], N - 2  # P: others whose actions are inputs of a later prediction
+    dev = state.device
+    if K ** P <= n_samples:
+        combos = torch.tensor(list(itertools.product(range(K), repeat=P)), dtype=torch.long, device=dev)
+        combos = combos.view(K ** P, P)  # [C, P] (one empty prefix when N = 2)
+        pre = combos[:, None, :].expand(-1, B, -1)  # [C, B, P]
+        lp_pre = others_logp[:, :P].unsqueeze(0).expand(pre.shape[0], -1, -1, -1)
+        weight = lp_pre.gather(-1, pre.unsqueeze(-1)).squeeze(-1).sum(-1).exp()  # pi(prefix): [C, B]
     else:
-        draws = torch.multinomial(lp.exp().reshape(B * (N - 1), K), n_samples, replacement=True, generator=generator)
-        cand = draws.view(B, N - 1, n_samples).permute(2, 0, 1)  # [C, B, N-1]
-        logp_others = lp.unsqueeze(0).expand(n_samples, -1, -1, -1).gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
-        weight = torch.full_like(logp_others, 1.0 / n_samples)
-    if not all_actions:
-        logp_data = ar.log_prob(state, actions, cand.unsqueeze(2), avail, agents=[i])[..., 0]  # [C, B]
-        return (weight * (logp_others - logp_data)).sum(0)
-    own = actions.unsqueeze(1).repeat(1, K, 1)  # [B, K, N]: every action of agent i
-    own[:, :, i] = torch.arange(K, device=state.device)
-    logp_data = ar.log_prob(state.repeat_interleave(K, 0), own.view(B * K, N),
-                            cand.repeat_interleave(K, 1).unsqueeze(2), avail.repeat_interleave(K, 0),
-                            agents=[i]).view(-1, B, K)  # [C, B, K]
-    return (weight.unsqueeze(-1) * (logp_others.unsqueeze(-1) - logp_data)).sum(0)
+        draws = torch.multinomial(others_logp[:, :P].exp().reshape(B * P, K), n_samples, replacement=True,
+                                  generator=generator)
+        pre = draws.view(B, P, n_samples).permute(2, 0, 1)  # [C, B, P]
+        weight = torch.full(pre.shape[:2], 1.0 / n_samples, device=dev)
+    cand = torch.cat([pre, torch.zeros_like(pre[..., :1])], -1)  # the last other's action is never an input
+    own = torch.arange(K, device=dev).expand(B, K) if all_actions else actions[:, i:i + 1]
+    logq = ar.cond_log_probs(state, own.unsqueeze(-1), cand.unsqueeze(2), avail, [i])[:, :, :, 0]  # [C, B, A, N-1, K]
+    p = others_logp.exp()[None, :, None]
+    inner = (p * (others_logp[None, :, None] - logq)).sum((-1, -2))  # [C, B, A]
+    kl = (weight.unsqueeze(-1) * inner).sum(0)  # [B, A]
+    return kl if all_actions else kl[:, 0]
 
 
 class AlberDICE(nn.Module):
@@ -351,10 +378,13 @@ class AlberDICE(nn.Module):
         return masked_log_softmax(per_agent(logits), avail[:, idx])
 
     def e_all(self, state: torch.Tensor, i: int) -> torch.Tensor:
-        """e_i(s, a) for every action a: ``state [B, S] -> [B, K]`` (one batched forward of the K inputs)."""
-        B, K = state.shape[0], self.eye.shape[0]
-        x = torch.cat([state.unsqueeze(1).expand(B, K, -1), self.eye.expand(B, K, K)], -1)
-        return self.e(x.view(1, B * K, -1), [i]).view(B, K)
+        """e_i(s, a) for every action a: ``state [B, S] -> [B, K]``. The input is (s, one-hot a): the first
+        layer is s W_s + W_a[a] + b, computed once per row and once per action, then the K rows go through
+        the rest of the network in one batch."""
+        B, K, S = state.shape[0], self.eye.shape[0], state.shape[1]
+        W, b = self.e.layer(0, [i])
+        h1 = (state @ W[0, :S]).unsqueeze(1) + W[0, S:] + b  # [B, K, H]
+        return self.e(h1.view(1, B * K, -1), [i], start=1).view(B, K)
 
     def data_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None) -> torch.Tensor:
         idx = slice(None) if agents is None else agents
@@ -398,16 +428,19 @@ def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | Non
 
 
 @torch.no_grad()
-def dataset_log_probs(model: AlberDICE, dataset, which: str, chunk: int = 1 << 14) -> torch.Tensor:
-    """Over every transition of the dataset (chunked): ``which='policy'`` -> log pi_j(a_j|o_j) ``[T, N]``;
-    ``which='ar'`` -> log pi_{-i}^D(a_{-i}|s, a_i) for every i ``[T, N]``."""
+def dataset_log_probs(model: AlberDICE, dataset, which: str, chunk: int = 1 << 14,
+                      agents: list[int] | None = None) -> torch.Tensor:
+    """Over every transition of the dataset (chunked): ``which='policy'`` -> log pi_j(a_j|o_j) ``[T, M]`` for
+    the listed agents (default all; computed one agent at a time, so that a column refreshed later is
+    bit-identical to a full recomputation); ``which='ar'`` -> log pi_{-i}^D(a_{-i}|s, a_i) for every i ``[T, N]``."""
     rows = dataset.transition_rows()
+    agents = list(range(dataset.n_agents)) if agents is None else list(agents)
     out = []
     for lo in range(0, rows.numel(), chunk):
         b = dataset.transitions(rows[lo: lo + chunk])
         if which == "policy":
-            lp = model.policy_logp(b["obs"], b["avail"])
-            out.append(lp.gather(-1, b["actions"].unsqueeze(-1)).squeeze(-1))
+            out.append(torch.stack([model.policy_logp(b["obs"], b["avail"], [j])[:, 0]
+                                    .gather(-1, b["actions"][:, j:j + 1])[:, 0] for j in agents], -1))
         else:
             cand = b["actions"][:, model.ar.others].unsqueeze(0)
             out.append(model.ar.log_prob(b["state"], b["actions"], cand, b["avail"])[0])
@@ -416,22 +449,25 @@ def dataset_log_probs(model: AlberDICE, dataset, which: str, chunk: int = 1 << 1
 
 @torch.no_grad()
 def kl_term(model: AlberDICE, x: dict, i: int, estimator: str, n_samples: int, gen: torch.Generator | None = None,
-            all_actions: bool = False) -> torch.Tensor | None:
+            all_actions: bool = False, others_logp: torch.Tensor | None = None) -> torch.Tensor | None:
     """The other agents' KL term of e_hat for agent i on the rows of ``x``: ``[B]`` at the dataset's a_i,
     or (``all_actions``) ``[B, K]`` for every action a_i of agent i ('policy' only; None for 'sample').
+    ``others_logp [B, N-1, K]``: the others' log-probabilities at these rows when already computed.
 
     'policy': KL(pi_{-i}(.|s) || pi_{-i}^D(.|s, a_i)), the expectation under pi_{-i} that Eq. 5 defines.
     'sample': log rho_i(x) = log pi_{-i}(a_{-i}|s) / pi_{-i}^D(a_{-i}|s, a_i) at the dataset's a_{-i} (Eq. 8).
     Both agree in expectation over D_rho_i only where pi_{-i} stays inside the support of
     pi_{-i}^D(.|s, a_i); outside it 'sample' misses the (large) penalty: see docs/alberdice.md."""
-    logp_all = model.policy_logp(x["obs"], x["avail"])
+    oth = model.ar.others[i].tolist()
+    if others_logp is None:
+        others_logp = model.policy_logp(x["obs"], x["avail"], oth)
     if estimator == "policy":
-        return others_kl(logp_all, model.ar, x["state"], x["actions"], x["avail"], i, n_samples, gen, all_actions)
+        return others_kl(others_logp, model.ar, x["state"], x["actions"], x["avail"], i, n_samples, gen, all_actions)
     if all_actions:
         return None
-    lp = logp_all.gather(-1, x["actions"].unsqueeze(-1)).squeeze(-1)  # [B, N]
-    cand = x["actions"][:, model.ar.others[i]][None, :, None, :]
-    return (lp.sum(-1) - lp[:, i]) - model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i])[0, :, 0]
+    lp = others_logp.gather(-1, x["actions"][:, oth].unsqueeze(-1)).squeeze(-1).sum(-1)  # [B]
+    cand = x["actions"][:, oth][None, :, None, :]
+    return lp - model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i])[0, :, 0]
 
 
 def e_values(model: AlberDICE, state: torch.Tensor, i: int, alpha: float, kl_all: torch.Tensor | None) -> torch.Tensor:
@@ -441,16 +477,65 @@ def e_values(model: AlberDICE, state: torch.Tensor, i: int, alpha: float, kl_all
     return e if kl_all is None else e - alpha * kl_all
 
 
-def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.Tensor, alpha: float, args: Args,
-                 gen: torch.Generator, absorbing_frac: float = 0.0) -> dict[str, torch.Tensor]:
+def uses_pool(args: Args, dataset) -> bool:
+    """True when the ratios are computed on a random pool of rows (``--rho-pool`` smaller than the dataset),
+    False when on every transition of D."""
+    return args.rho_pool > 0 and max(args.rho_pool, args.batch_size) < dataset.n_transitions
+
+
+@torch.no_grad()
+def resample(model: AlberDICE, dataset, i: int, args: Args, logp_cache: torch.Tensor | None,
+             logp_data_others: torch.Tensor) -> dict:
+    """Algorithm 1 lines 4-6 for agent i: the resampled batch D_rho_i (``x``), log rho_bar_i, a uniform batch
+    of D for the I-projection (``u``), and the other agents' log-probabilities ``[B, N-1, K]`` at both.
+
+    Pool (``--rho-pool`` M < |D|): M rows are drawn uniformly from D (line 4), rho_i is computed on them
+    (line 5, one batched forward of the N-1 other policies; log pi_{-i}^D comes from a table made once after
+    pretraining), B rows are drawn from the pool with probability proportional to rho_i (line 6), and
+    rho_bar_i is the pool's mean of rho_i. rho_bar_P * mean_{D_rho} f is an unbiased estimate of
+    E_D[rho_i f] for every f and every M (docs/alberdice.md); the cost does not depend on |D|. ``u`` is the
+    first B rows of the pool (a uniform batch of D).
+
+    Whole dataset (``--rho-pool 0``, or a pool at least as large as D): rho_i on every transition, from
+    ``logp_cache [T, N]`` (log pi_j(a_j|o_j) of every row, refreshed one column after each agent's turn)."""
+    B, N = args.batch_size, dataset.n_agents
+    oth = model.ar.others[i].tolist()
+    trans = dataset.transition_rows()
+    if uses_pool(args, dataset):
+        M = max(args.rho_pool, B)
+        pos = torch.randint(0, trans.numel(), (M,), device=trans.device, generator=dataset.generator)
+        pool = dataset.transitions(trans[pos])
+        lp_pool = model.policy_logp(pool["obs"], pool["avail"], oth)  # [M, N-1, K]: one forward, N-1 agents
+        lp_a = lp_pool.gather(-1, pool["actions"][:, oth].unsqueeze(-1)).squeeze(-1)  # [M, N-1]
+        log_rho = lp_a.sum(-1) - logp_data_others[pos, i]  # Eq. 11
+        if args.rho_max > 0:
+            log_rho = log_rho.clamp(max=math.log(args.rho_max))
+        weights, log_rho_bar = resampling_weights(log_rho)
+        pick = torch.multinomial(weights, B, replacement=True, generator=dataset.generator)
+        x = {k: v[pick] for k, v in pool.items()}
+        u = {k: v[:B] for k, v in pool.items()}
+        return dict(x=x, x_logp=lp_pool[pick], u=u, u_logp=lp_pool[:B], log_rho_bar=log_rho_bar, weights=weights)
+    log_rho = logp_cache.sum(-1) - logp_cache[:, i] - logp_data_others[:, i]  # Eq. 11
+    if args.rho_max > 0:
+        log_rho = log_rho.clamp(max=math.log(args.rho_max))
+    weights, log_rho_bar = resampling_weights(log_rho)
+    x = dataset.sample(B, weights=weights)  # drawn with probability proportional to rho_i (Eq. 12)
+    u = dataset.sample(B)
+    return dict(x=x, x_logp=model.policy_logp(x["obs"], x["avail"], oth), u=u,
+                u_logp=model.policy_logp(u["obs"], u["avail"], oth), log_rho_bar=log_rho_bar, weights=weights)
+
+
+def agent_update(model: AlberDICE, opts: dict, dataset, i: int, logp_cache: torch.Tensor | None,
+                 logp_data_others: torch.Tensor, alpha: float, args: Args, gen: torch.Generator,
+                 absorbing_frac: float = 0.0) -> dict[str, torch.Tensor]:
     """One best-response step of agent i (Algorithm 1 lines 4-7)."""
     B, g = args.batch_size, args.gamma
-    weights, log_rho_bar = resampling_weights(log_rho[:, i])
-    x = dataset.sample(B, weights=weights)  # D_rho_i: drawn with probability proportional to rho_i (Eq. 12)
+    r = resample(model, dataset, i, args, logp_cache, logp_data_others)
+    x, log_rho_bar, weights = r["x"], r["log_rho_bar"], r["weights"]
     s0 = dataset.sample_initial(B)  # D_0
     a_i = x["actions"][:, i]
     with torch.no_grad():
-        kl = kl_term(model, x, i, args.kl_estimator, args.kl_samples, gen)
+        kl = kl_term(model, x, i, args.kl_estimator, args.kl_samples, gen, others_logp=r["x_logp"])
         data_logp_i = model.data_logp(x["obs"], x["avail"], [i])[:, 0]  # [B, K]
 
     # nu_i: Eq. 31 / 46
@@ -475,9 +560,10 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.T
     opts["e"].step()
 
     # pi_i: I-projection on states of D (Eq. 48; local observation o_i, App. J.1 Eq. 50)
-    u = dataset.sample(B)
+    u = r["u"]
     with torch.no_grad():
-        e_u = e_values(model, u["state"], i, alpha, kl_term(model, u, i, args.kl_estimator, args.kl_samples, gen, True))
+        kl_u = kl_term(model, u, i, args.kl_estimator, args.kl_samples, gen, True, others_logp=r["u_logp"])
+        e_u = e_values(model, u["state"], i, alpha, kl_u)
         data_u = model.data_logp(u["obs"], u["avail"], [i])[:, 0]
     logits = model.policy(u["obs"][:, i][None], [i])[0]
     loss_pi = i_projection_loss(logits, e_u, data_u, u["avail"][:, i], alpha).mean()
@@ -489,21 +575,26 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.T
             "ess": weights.sum() ** 2 / (weights.pow(2).sum() * weights.numel()), "nu_absorbing": nu_abs.detach()}
 
 
-def train_iteration(model: AlberDICE, opts: dict, dataset, args: Args, step: int, log_rho: torch.Tensor | None,
+def train_iteration(model: AlberDICE, opts: dict, dataset, args: Args, step: int, logp_cache: torch.Tensor | None,
                     logp_data_others: torch.Tensor, gen: torch.Generator,
-                    absorbing_frac: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
+                    absorbing_frac: float = 0.0) -> tuple[torch.Tensor | None, list[dict]]:
     """One iteration of Algorithm 1 (lines 3-8): every agent best-responds in turn, each against the
-    other agents' current policies. Returns the (possibly refreshed) log rho and per-agent losses."""
+    other agents' current policies. ``logp_cache``: log pi_j(a_j|o_j) of every transition ``[T, N]`` when the
+    ratios are computed on the whole dataset (None: computed here; None and unused with a pool).
+    Returns the cache (refreshed) and per-agent losses."""
     alpha = alpha_at(args, step)
     N = dataset.n_agents
+    whole = not uses_pool(args, dataset)
+    if whole and logp_cache is None:
+        logp_cache = dataset_log_probs(model, dataset, "policy")
     infos = []
     for i in range(N):
-        # line 5: rho_i with the current pi_{-i}, which stays fixed during agent i's turn
-        if log_rho is None or (step * N + i) % args.rho_refresh == 0:
-            log_rho = log_importance_ratios(dataset_log_probs(model, dataset, "policy"), logp_data_others, args.rho_max)
         for _ in range(args.inner_steps):
-            infos.append(agent_update(model, opts, dataset, i, log_rho, alpha, args, gen, absorbing_frac))
-    return log_rho, infos
+            infos.append(agent_update(model, opts, dataset, i, logp_cache if whole else None, logp_data_others,
+                                      alpha, args, gen, absorbing_frac))
+        if whole:  # only agent i's policy changed during its turn (line 5 for the next agents)
+            logp_cache[:, i] = dataset_log_probs(model, dataset, "policy", agents=[i])[:, 0]
+    return logp_cache if whole else None, infos
 
 
 def make_optimizers(model: AlberDICE, lr: float) -> dict:
@@ -622,12 +713,12 @@ def main(args: Args) -> dict:
     act_fn = make_act_fn(model.policy, device, seed=args.seed, sample=args.eval_sample)
     logp_data_others = dataset_log_probs(model, dataset, "ar")  # pi_{-i}^D is fixed after pretraining
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
-    log_rho = None
+    logp_cache = None
     t0, steps_done = time.time(), 0
     bar = tqdm(range(step, args.total_steps), initial=step, total=args.total_steps, desc="alberdice",
                dynamic_ncols=True, mininterval=2.0)
     for step in bar:
-        log_rho, infos = train_iteration(model, opts, dataset, args, step, log_rho, logp_data_others, gen, f_abs)
+        logp_cache, infos = train_iteration(model, opts, dataset, args, step, logp_cache, logp_data_others, gen, f_abs)
         steps_done += 1
         if step % args.log_every == 0:  # the only host syncs of the loop
             scalars = {f"losses/{k}": torch.stack([d[k] for d in infos]).mean().item() for k in infos[0]}
