@@ -101,7 +101,11 @@ class Args:
     over a_{-i} ~ pi_{-i} (sound; the official code samples it too); 'sample' = log rho_i(x) at the
     dataset's a_{-i}, literally Eq. 8 (biased when pi_{-i} leaves the data's support; docs)"""
     kl_samples: int = 16
-    """samples a_{-i} ~ pi_{-i} for the 'policy' KL; exact enumeration when n_actions^(N-1) <= this"""
+    """samples a_{-i} ~ pi_{-i} for the 'policy' KL at the dataset's a_i (nu and e steps); exact enumeration when
+    the first N-2 other agents have at most this many joint actions (two agents: always exact)"""
+    kl_samples_policy: int = 1
+    """the same for the KL at every action a_i in the policy step (Eq. 48), whose cost is K times larger; the
+    estimate is unbiased for any number and enters the I-projection linearly (docs)"""
     rho_pool: int = 2560
     """rows drawn uniformly from D at each agent's turn to compute the ratios rho_i on and resample D_rho_i
     from (Algorithm 1 lines 4-6; at least --batch-size; the official code: its batch of 128 episodes x 20 steps
@@ -219,7 +223,9 @@ class AgentMLP(nn.Module):
     """One MLP per agent (separate parameters), evaluated for several agents with one batched
     matmul per layer: input ``[M, B, in]`` for the agents listed in ``agents`` (default: all),
     output ``[M, B, out]``. The weights are kept per agent, so an optimizer keeps separate state
-    per agent and an agent that is not being updated receives no gradient (Algorithm 1)."""
+    per agent and an agent that is not being updated receives no gradient (Algorithm 1). They are
+    stored ``[out, in]`` (as nn.Linear) and multiplied transposed: on CPU a layer with few outputs
+    (the policies' K logits) runs 2-3x faster in that layout than from ``[in, out]``."""
 
     def __init__(self, n_agents: int, in_dim: int, out_dim: int, hidden: int, out_scale: float = 1.0):
         super().__init__()
@@ -230,7 +236,7 @@ class AgentMLP(nn.Module):
         for k in range(len(sizes) - 1):
             for _ in range(n_agents):
                 lin = nn.Linear(sizes[k], sizes[k + 1])  # default PyTorch init, per agent
-                w = lin.weight.detach().t().contiguous()  # [in, out]
+                w = lin.weight.detach().clone()  # [out, in]
                 if k == len(sizes) - 2:
                     w = w * out_scale
                 self.weights.append(nn.Parameter(w))
@@ -251,11 +257,11 @@ class AgentMLP(nn.Module):
         return x
 
     def layer(self, k: int, agents) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights ``[M, in, out]`` and biases ``[M, out]`` of layer k for the listed agents."""
+        """Weights ``[M, in, out]`` (a transposed view) and biases ``[M, out]`` of layer k for the listed agents."""
         N = self.n_agents
         if len(agents) == 1:  # one agent (its best-response update): no copy of the weights
-            return self.weights[k * N + agents[0]].unsqueeze(0), self.biases[k * N + agents[0]].unsqueeze(0)
-        return (torch.stack([self.weights[k * N + a] for a in agents]),  # [M, in, out]
+            return self.weights[k * N + agents[0]].t().unsqueeze(0), self.biases[k * N + agents[0]].unsqueeze(0)
+        return (torch.stack([self.weights[k * N + a] for a in agents]).transpose(1, 2),  # [M, in, out]
                 torch.stack([self.biases[k * N + a] for a in agents]))  # [M, out]
 
 
@@ -285,7 +291,7 @@ class ARDataPolicy(nn.Module):
         ``state [B, S]``; ``own [B, A, M]``: A candidate actions a_i per row (1: the dataset's; K: every action);
         ``cand [C, B, M, N-1]``: C candidate joint actions of the others (index order) whose prefixes a_{<p}
         are the inputs (the last other's entry is never an input); ``avail [B, N, K]``.
-        Returns ``[C, B, A, M, N-1, K]``. The first layer is computed by parts, exactly as on the
+        Returns ``[M, C, B, A, N-1, K]``. The first layer is computed by parts, exactly as on the
         concatenated input [one-hot p, s, one-hot a_i, one-hot a_{<p}]: s W_s once per row, one weight
         row per one-hot block."""
         agents = list(range(self.N)) if agents is None else list(agents)
@@ -296,19 +302,22 @@ class ARDataPolicy(nn.Module):
         m = torch.arange(M, device=state.device)
         oth = self.others[agents]  # [M, L]
         h_id = W[m[:, None], oth] + bias[:, None]  # [M, L, H]: one-hot of the predicted agent, and the bias
-        h_s = torch.einsum("bs,msh->bmh", state, W[:, N:N + S])  # [B, M, H]
-        h_own = W[:, N + S:N + S + K][m, own]  # [B, A, M, H]
-        h1 = (h_s[:, None, :, None] + h_own[:, :, :, None]).unsqueeze(0) + h_id  # [1, B, A, M, L, H]
+        h_s = torch.einsum("bs,msh->mbh", state, W[:, N:N + S])  # [M, B, H]
+        h_own = W[:, N + S:N + S + K][m[:, None, None], own.permute(2, 0, 1)]  # [M, B, A, H]
+        h1 = (h_s[:, :, None, None] + h_own[:, :, :, None]) + h_id[:, None, None]  # [M, B, A, L, H]
+        h1 = h1.unsqueeze(1)  # [M, 1, B, A, L, H]
         if N > 2:
-            w_prev = W[:, N + S + K:].view(M, N - 2, K, H)
-            g = w_prev[m[:, None], torch.arange(N - 2, device=state.device), cand[..., : N - 2]]  # [C, B, M, N-2, H]
-            prev = torch.cat([torch.zeros_like(g[..., :1, :]), g.cumsum(-2)], -2)  # sum over q < p: [C, B, M, L, H]
-            h1 = h1 + prev[:, :, None]
-        h1 = h1.expand(C, B, A, M, L, H)
-        logits = self.net(h1.permute(3, 0, 1, 2, 4, 5).reshape(M, C * B * A * L, H), agents, start=1)
-        logits = logits.view(M, C, B, A, L, K).permute(1, 2, 3, 0, 4, 5)
-        av = avail[:, oth][None, :, None]  # [1, B, 1, M, L, K]
-        return masked_log_softmax(logits, av.expand_as(logits))
+            w_prev = W[:, N + S + K:].reshape(M, N - 2, K, H)
+            pre = cand[..., : N - 2].permute(2, 0, 1, 3)  # [M, C, B, N-2]
+            g = w_prev[m[:, None, None, None], torch.arange(N - 2, device=state.device), pre]  # [M, C, B, N-2, H]
+            prev = torch.zeros(M, C, B, L, H, dtype=g.dtype, device=g.device)
+            prev[:, :, :, 1:] = g.cumsum(-2)  # sum over q < p
+            h1 = h1 + prev[:, :, :, None]  # [M, C, B, A, L, H]
+        else:
+            h1 = h1.expand(M, C, B, A, L, H)
+        logits = self.net(h1.reshape(M, C * B * A * L, H), agents, start=1).view(M, C, B, A, L, K)
+        av = avail[:, oth].permute(1, 0, 2, 3)[:, None, :, None]  # [M, 1, B, 1, L, K]
+        return masked_log_softmax(logits, av)
 
     def log_prob(self, state: torch.Tensor, actions: torch.Tensor, cand: torch.Tensor, avail: torch.Tensor,
                  agents: list[int] | None = None) -> torch.Tensor:
@@ -317,8 +326,8 @@ class ARDataPolicy(nn.Module):
         ``state [B, S]``, ``actions [B, N]`` (a_i is read from here), ``cand [C, B, M, N-1]``: C candidate
         joint actions of the other agents (index order), ``avail [B, N, K]``. Returns ``[C, B, M]``."""
         agents = list(range(self.N)) if agents is None else list(agents)
-        logp = self.cond_log_probs(state, actions[:, agents].unsqueeze(1), cand, avail, agents)[:, :, 0]
-        return logp.gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
+        logp = self.cond_log_probs(state, actions[:, agents].unsqueeze(1), cand, avail, agents)[:, :, :, 0]
+        return logp.gather(-1, cand.permute(2, 0, 1, 3).unsqueeze(-1)).squeeze(-1).sum(-1).permute(1, 2, 0)
 
 
 def others_kl(others_logp: torch.Tensor, ar: ARDataPolicy, state: torch.Tensor, actions: torch.Tensor,
@@ -350,10 +359,10 @@ def others_kl(others_logp: torch.Tensor, ar: ARDataPolicy, state: torch.Tensor, 
         weight = torch.full(pre.shape[:2], 1.0 / n_samples, device=dev)
     cand = torch.cat([pre, torch.zeros_like(pre[..., :1])], -1)  # the last other's action is never an input
     own = torch.arange(K, device=dev).expand(B, K) if all_actions else actions[:, i:i + 1]
-    logq = ar.cond_log_probs(state, own.unsqueeze(-1), cand.unsqueeze(2), avail, [i])[:, :, :, 0]  # [C, B, A, N-1, K]
-    p = others_logp.exp()[None, :, None]
-    inner = (p * (others_logp[None, :, None] - logq)).sum((-1, -2))  # [C, B, A]
-    kl = (weight.unsqueeze(-1) * inner).sum(0)  # [B, A]
+    logq = ar.cond_log_probs(state, own.unsqueeze(-1), cand.unsqueeze(2), avail, [i])[0]  # [C, B, A, N-1, K]
+    p = others_logp.exp()  # [B, N-1, K] (0 at unavailable actions, where both log-probabilities are ~-1e10)
+    cross = torch.einsum("blk,cbalk->cba", p, logq)  # E_{a_p ~ pi_p} log pi^D(a_p | ...), summed over p
+    kl = (p * others_logp).sum((-1, -2)).unsqueeze(-1) - (weight.unsqueeze(-1) * cross).sum(0)  # [B, A]
     return kl if all_actions else kl[:, 0]
 
 
@@ -384,7 +393,7 @@ class AlberDICE(nn.Module):
         B, K, S = state.shape[0], self.eye.shape[0], state.shape[1]
         W, b = self.e.layer(0, [i])
         h1 = (state @ W[0, :S]).unsqueeze(1) + W[0, S:] + b  # [B, K, H]
-        return self.e(h1.view(1, B * K, -1), [i], start=1).view(B, K)
+        return self.e(h1.reshape(1, B * K, -1), [i], start=1).view(B, K)
 
     def data_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None) -> torch.Tensor:
         idx = slice(None) if agents is None else agents
@@ -483,54 +492,86 @@ def uses_pool(args: Args, dataset) -> bool:
     return args.rho_pool > 0 and max(args.rho_pool, args.batch_size) < dataset.n_transitions
 
 
+@dataclass
+class RatioPool:
+    """The rows on which the ratios rho_i are computed, with the policies' log-probabilities there, kept
+    while valid: after agent i's turn only column i is stale (Algorithm 1: one policy changes per turn).
+
+    Pool (``--rho-pool`` M < |D|): M rows drawn uniformly from D at the start of an iteration and shared by
+    the agents' turns (as the official code shares its batch); ``logp [M, N, K]`` (full distributions, also
+    used for the others' KL term). Whole dataset: every transition, kept across iterations;
+    ``logp [T, N]`` at the dataset actions."""
+    pos: torch.Tensor | None  # positions of the pool rows in transition order; None: every transition
+    x: dict | None  # the pool's transitions
+    logp: torch.Tensor
+    stale: set
+
+
+def new_pool(dataset, args: Args, n_actions: int) -> RatioPool:
+    """Algorithm 1 line 4: the rows x ~ D on which this iteration's ratios are computed."""
+    N, dev = dataset.n_agents, dataset.device
+    trans = dataset.transition_rows()
+    if not uses_pool(args, dataset):
+        return RatioPool(None, None, torch.zeros(trans.numel(), N, device=dev), set(range(N)))
+    M = max(args.rho_pool, args.batch_size)
+    pos = torch.randint(0, trans.numel(), (M,), device=trans.device, generator=dataset.generator)
+    return RatioPool(pos, dataset.transitions(trans[pos]), torch.zeros(M, N, n_actions, device=dev), set(range(N)))
+
+
 @torch.no_grad()
-def resample(model: AlberDICE, dataset, i: int, args: Args, logp_cache: torch.Tensor | None,
-             logp_data_others: torch.Tensor) -> dict:
-    """Algorithm 1 lines 4-6 for agent i: the resampled batch D_rho_i (``x``), log rho_bar_i, a uniform batch
+def refresh_pool(model: AlberDICE, dataset, pool: RatioPool, agents: list[int]) -> None:
+    """Recompute the stale columns among ``agents`` (one batched forward of those agents on the pool; on the
+    whole dataset one agent at a time, so that a refreshed column is bit-identical to a fresh cache)."""
+    stale = sorted(pool.stale.intersection(agents))
+    if not stale:
+        return
+    if pool.x is not None:
+        pool.logp[:, stale] = model.policy_logp(pool.x["obs"], pool.x["avail"], stale)
+    else:
+        pool.logp[:, stale] = dataset_log_probs(model, dataset, "policy", agents=stale)
+    pool.stale.difference_update(stale)
+
+
+@torch.no_grad()
+def resample(model: AlberDICE, dataset, i: int, args: Args, pool: RatioPool, logp_data_others: torch.Tensor) -> dict:
+    """Algorithm 1 lines 5-6 for agent i: the resampled batch D_rho_i (``x``), log rho_bar_i, a uniform batch
     of D for the I-projection (``u``), and the other agents' log-probabilities ``[B, N-1, K]`` at both.
 
-    Pool (``--rho-pool`` M < |D|): M rows are drawn uniformly from D (line 4), rho_i is computed on them
-    (line 5, one batched forward of the N-1 other policies; log pi_{-i}^D comes from a table made once after
-    pretraining), B rows are drawn from the pool with probability proportional to rho_i (line 6), and
-    rho_bar_i is the pool's mean of rho_i. rho_bar_P * mean_{D_rho} f is an unbiased estimate of
-    E_D[rho_i f] for every f and every M (docs/alberdice.md); the cost does not depend on |D|. ``u`` is the
-    first B rows of the pool (a uniform batch of D).
-
-    Whole dataset (``--rho-pool 0``, or a pool at least as large as D): rho_i on every transition, from
-    ``logp_cache [T, N]`` (log pi_j(a_j|o_j) of every row, refreshed one column after each agent's turn)."""
-    B, N = args.batch_size, dataset.n_agents
+    Pool: rho_i on the M pool rows (log pi_{-i}^D from a table made once after pretraining), B rows drawn
+    from the pool with probability proportional to rho_i, rho_bar_i = the pool's mean of rho_i:
+    rho_bar_P * mean_{D_rho} f estimates E_D[rho_i f] without bias for every f and every M (docs/alberdice.md),
+    at a cost that does not depend on |D|. ``u``: B rows drawn uniformly from the pool.
+    Whole dataset: rho_i on every transition; ``x`` drawn from D, ``u`` uniformly from D."""
+    B = args.batch_size
     oth = model.ar.others[i].tolist()
-    trans = dataset.transition_rows()
-    if uses_pool(args, dataset):
-        M = max(args.rho_pool, B)
-        pos = torch.randint(0, trans.numel(), (M,), device=trans.device, generator=dataset.generator)
-        pool = dataset.transitions(trans[pos])
-        lp_pool = model.policy_logp(pool["obs"], pool["avail"], oth)  # [M, N-1, K]: one forward, N-1 agents
-        lp_a = lp_pool.gather(-1, pool["actions"][:, oth].unsqueeze(-1)).squeeze(-1)  # [M, N-1]
-        log_rho = lp_a.sum(-1) - logp_data_others[pos, i]  # Eq. 11
-        if args.rho_max > 0:
-            log_rho = log_rho.clamp(max=math.log(args.rho_max))
-        weights, log_rho_bar = resampling_weights(log_rho)
-        pick = torch.multinomial(weights, B, replacement=True, generator=dataset.generator)
-        x = {k: v[pick] for k, v in pool.items()}
-        u = {k: v[:B] for k, v in pool.items()}
-        return dict(x=x, x_logp=lp_pool[pick], u=u, u_logp=lp_pool[:B], log_rho_bar=log_rho_bar, weights=weights)
-    log_rho = logp_cache.sum(-1) - logp_cache[:, i] - logp_data_others[:, i]  # Eq. 11
+    refresh_pool(model, dataset, pool, oth)
+    if pool.x is not None:
+        P, lp = pool.x, pool.logp[:, oth]  # [M, N-1, K]
+        log_rho = lp.gather(-1, P["actions"][:, oth].unsqueeze(-1)).squeeze(-1).sum(-1) \
+            - logp_data_others[pool.pos, i]  # Eq. 11
+    else:
+        log_rho = pool.logp[:, oth].sum(-1) - logp_data_others[:, i]  # Eq. 11
     if args.rho_max > 0:
         log_rho = log_rho.clamp(max=math.log(args.rho_max))
     weights, log_rho_bar = resampling_weights(log_rho)
+    if pool.x is not None:
+        pick = torch.multinomial(weights, B, replacement=True, generator=dataset.generator)
+        upick = torch.randint(0, weights.numel(), (B,), device=weights.device, generator=dataset.generator)
+        x = {k: P[k][pick] for k in ("obs", "avail", "actions", "state", "next_state", "reward", "done")}
+        u = {k: P[k][upick] for k in ("obs", "avail", "actions", "state")}
+        return dict(x=x, x_logp=lp[pick], u=u, u_logp=lp[upick], log_rho_bar=log_rho_bar, weights=weights)
     x = dataset.sample(B, weights=weights)  # drawn with probability proportional to rho_i (Eq. 12)
     u = dataset.sample(B)
     return dict(x=x, x_logp=model.policy_logp(x["obs"], x["avail"], oth), u=u,
                 u_logp=model.policy_logp(u["obs"], u["avail"], oth), log_rho_bar=log_rho_bar, weights=weights)
 
 
-def agent_update(model: AlberDICE, opts: dict, dataset, i: int, logp_cache: torch.Tensor | None,
-                 logp_data_others: torch.Tensor, alpha: float, args: Args, gen: torch.Generator,
+def agent_update(model: AlberDICE, opts: dict, dataset, i: int, pool: RatioPool, logp_data_others: torch.Tensor,
+                 alpha: float, args: Args, gen: torch.Generator,
                  absorbing_frac: float = 0.0) -> dict[str, torch.Tensor]:
-    """One best-response step of agent i (Algorithm 1 lines 4-7)."""
+    """One best-response step of agent i (Algorithm 1 lines 5-7)."""
     B, g = args.batch_size, args.gamma
-    r = resample(model, dataset, i, args, logp_cache, logp_data_others)
+    r = resample(model, dataset, i, args, pool, logp_data_others)
     x, log_rho_bar, weights = r["x"], r["log_rho_bar"], r["weights"]
     s0 = dataset.sample_initial(B)  # D_0
     a_i = x["actions"][:, i]
@@ -562,7 +603,7 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, logp_cache: torc
     # pi_i: I-projection on states of D (Eq. 48; local observation o_i, App. J.1 Eq. 50)
     u = r["u"]
     with torch.no_grad():
-        kl_u = kl_term(model, u, i, args.kl_estimator, args.kl_samples, gen, True, others_logp=r["u_logp"])
+        kl_u = kl_term(model, u, i, args.kl_estimator, args.kl_samples_policy, gen, True, others_logp=r["u_logp"])
         e_u = e_values(model, u["state"], i, alpha, kl_u)
         data_u = model.data_logp(u["obs"], u["avail"], [i])[:, 0]
     logits = model.policy(u["obs"][:, i][None], [i])[0]
@@ -575,33 +616,31 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, logp_cache: torc
             "ess": weights.sum() ** 2 / (weights.pow(2).sum() * weights.numel()), "nu_absorbing": nu_abs.detach()}
 
 
-def train_iteration(model: AlberDICE, opts: dict, dataset, args: Args, step: int, logp_cache: torch.Tensor | None,
+def train_iteration(model: AlberDICE, opts: dict, dataset, args: Args, step: int, pool: RatioPool | None,
                     logp_data_others: torch.Tensor, gen: torch.Generator,
-                    absorbing_frac: float = 0.0) -> tuple[torch.Tensor | None, list[dict]]:
+                    absorbing_frac: float = 0.0) -> tuple[RatioPool, list[dict]]:
     """One iteration of Algorithm 1 (lines 3-8): every agent best-responds in turn, each against the
-    other agents' current policies. ``logp_cache``: log pi_j(a_j|o_j) of every transition ``[T, N]`` when the
-    ratios are computed on the whole dataset (None: computed here; None and unused with a pool).
-    Returns the cache (refreshed) and per-agent losses."""
+    other agents' current policies. ``pool``: the previous iteration's ratio rows (kept when they are the
+    whole dataset; a pool is drawn anew; None: start). Returns the pool and per-agent losses."""
     alpha = alpha_at(args, step)
     N = dataset.n_agents
-    whole = not uses_pool(args, dataset)
-    if whole and logp_cache is None:
-        logp_cache = dataset_log_probs(model, dataset, "policy")
+    if pool is None or pool.x is not None:
+        pool = new_pool(dataset, args, model.ar.K)  # line 4
     infos = []
     for i in range(N):
         for _ in range(args.inner_steps):
-            infos.append(agent_update(model, opts, dataset, i, logp_cache if whole else None, logp_data_others,
-                                      alpha, args, gen, absorbing_frac))
-        if whole:  # only agent i's policy changed during its turn (line 5 for the next agents)
-            logp_cache[:, i] = dataset_log_probs(model, dataset, "policy", agents=[i])[:, 0]
-    return logp_cache if whole else None, infos
+            infos.append(agent_update(model, opts, dataset, i, pool, logp_data_others, alpha, args, gen,
+                                      absorbing_frac))
+        pool.stale.add(i)  # only agent i's policy changed during its turn
+    return pool, infos
 
 
 def make_optimizers(model: AlberDICE, lr: float) -> dict:
     """Adam for nu, e and the policies; the per-agent parameters keep per-agent optimizer state."""
     params = {"nu": [*model.nu.parameters(), *model.nu_absorbing.parameters()], "e": model.e.parameters(),
               "policy": model.policy.parameters()}
-    return {k: torch.optim.Adam(p, lr=lr, foreach=True) for k, p in params.items()}
+    # fused: one kernel for the few tensors of the agent that moved (2x faster than foreach on a CPU, measured)
+    return {k: torch.optim.Adam(p, lr=lr, fused=True) for k, p in params.items()}
 
 
 # ======================================================== policy and evaluation
@@ -713,12 +752,12 @@ def main(args: Args) -> dict:
     act_fn = make_act_fn(model.policy, device, seed=args.seed, sample=args.eval_sample)
     logp_data_others = dataset_log_probs(model, dataset, "ar")  # pi_{-i}^D is fixed after pretraining
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
-    logp_cache = None
+    pool = None
     t0, steps_done = time.time(), 0
     bar = tqdm(range(step, args.total_steps), initial=step, total=args.total_steps, desc="alberdice",
                dynamic_ncols=True, mininterval=2.0)
     for step in bar:
-        logp_cache, infos = train_iteration(model, opts, dataset, args, step, logp_cache, logp_data_others, gen, f_abs)
+        pool, infos = train_iteration(model, opts, dataset, args, step, pool, logp_data_others, gen, f_abs)
         steps_done += 1
         if step % args.log_every == 0:  # the only host syncs of the loop
             scalars = {f"losses/{k}": torch.stack([d[k] for d in infos]).mean().item() for k in infos[0]}

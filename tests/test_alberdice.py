@@ -114,10 +114,10 @@ def sharpen(model: A.AlberDICE, policy: float = 30.0, ar: float = 10.0) -> None:
 
 
 def test_pool_resampling_is_unbiased():
-    """Algorithm 1 lines 4-6 with a pool (``resample``): M rows drawn uniformly from D, B rows resampled from
-    them with probability proportional to rho_i, rho_bar = the pool's mean of rho_i. Over pools and draws,
-    rho_bar_P * mean_{D_rho} f is an unbiased estimate of E_D[rho_i f] (the whole dataset's ratios) even for a
-    pool of 16 rows out of ~170, where the self-normalised mean alone is visibly biased."""
+    """Algorithm 1 lines 4-6 with a pool (``new_pool``, ``resample``): M rows drawn uniformly from D, B rows
+    resampled from them with probability proportional to rho_i, rho_bar = the pool's mean of rho_i. Over
+    pools and draws, rho_bar_P * mean_{D_rho} f is an unbiased estimate of E_D[rho_i f] (the whole dataset's
+    ratios) even for a pool of 16 rows out of ~170, where the self-normalised mean alone is visibly biased."""
     torch.manual_seed(0)
     ds = random_dataset(N=3, K=3, episodes=50, seed=2).to("cpu").seed(0)
     model = A.AlberDICE(3, ds.obs_dim, ds.state_dim, 3, 8)
@@ -132,7 +132,7 @@ def test_pool_resampling_is_unbiased():
     assert rho.max() / rho.mean() > 5  # the ratios are far from uniform
     est, snis = [], []
     for _ in range(6000):
-        r = A.resample(model, ds, i, args, None, lpo)
+        r = A.resample(model, ds, i, args, A.new_pool(ds, args, 3), lpo)
         f = r["x"]["reward"].double().mean().item()
         est.append(math.exp(r["log_rho_bar"].item()) * f)
         snis.append(f)
