@@ -85,7 +85,7 @@ class _Logger:
         pass
 
 
-def reference(setup: dict, path: str):
+def reference(setup: dict, path: str, grad_penalty: float = 0.1):
     src = Path(path) / "pymarl-master" / "src"
     if not (src / "learners" / "alberdice_learner.py").is_file():
         raise SystemExit(f"--reference {path}: no pymarl-master/src/learners/alberdice_learner.py there")
@@ -103,7 +103,7 @@ def reference(setup: dict, path: str):
         n_agents=N, n_actions=K, agent="sep_mlp", rnn_hidden_dim=HIDDEN, obs_agent_id=False, obs_last_action=False,
         agent_output_type="pi_logits", action_selector="multinomial", epsilon_start=0.0, epsilon_finish=0.0,
         epsilon_anneal_time=50000, mask_before_softmax=True, name="alberdice", tabular_network=False, lr=1e-4,
-        nu_lr=1e-4, alpha_start=5.0, alpha_end=0.001, nu_grad_penalty_coeff=0.1, cql_coeff=0.1,
+        nu_lr=1e-4, alpha_start=5.0, alpha_end=0.001, nu_grad_penalty_coeff=grad_penalty, cql_coeff=0.1,
         num_iter_inner_loop=1, batch_size=B, t_max=3_100_000, gamma=0.99, reward_weight=1,
         other_policy_ratio_max=100, learner_log_interval=10 ** 12, env="bridge", device="cpu", use_cuda=False,
         test_greedy=False, absorbing_state=True)
@@ -168,6 +168,9 @@ def main() -> None:
                    help="alberdice.py --kl-samples values to measure at batch 256 (the first also at the full batch; "
                         "two agents: the KL is exact and this has no effect)")
     p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--flops", action="store_true",
+                   help="only count the matmul FLOPs of one iteration of each variant (forward and backward; the "
+                        "published code without its nu gradient penalty, which the counter cannot follow)")
     a = p.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -182,6 +185,17 @@ def main() -> None:
         if setup["n_agents"] > 2:  # what the exact-expectation KL costs: Eq. 8's per-sample log-ratio instead
             variants["ours, batch 256, kl Eq. 8"] = ours(setup, 256, a.kl_samples[0], "sample")
         variants[f"ours, batch {rows}, kl {a.kl_samples[0]}"] = ours(setup, rows, a.kl_samples[0])
+        if a.flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            variants["reference"] = reference(setup, a.reference, grad_penalty=0.0)
+            for k, fn in variants.items():
+                fn()
+                with FlopCounterMode(display=False) as fc:
+                    fn()
+                print(f"[{name}] {k:>28}: {fc.get_total_flops() / 1e9:6.2f} GFLOP per iteration")
+                results.append({"setup": name, "variant": k, "gflop": fc.get_total_flops() / 1e9})
+            continue
         for fn in variants.values():  # warm-up
             timed(fn, 2.0)
         wall, cpu = {k: [] for k in variants}, {k: [] for k in variants}
