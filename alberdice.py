@@ -378,7 +378,7 @@ class AlberDICE(nn.Module):
         self.nu = AgentMLP(n_agents, state_dim, 1, hidden)
         self.nu_absorbing = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in range(n_agents)])  # nu_i(s_abs)
         self.e = AgentMLP(n_agents, state_dim + n_actions, 1, hidden)  # e_i(s, a_i): input (s, one-hot a_i)
-        self.register_buffer("eye", torch.eye(n_actions), persistent=False)
+        self.n_actions = n_actions
 
     def policy_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None) -> torch.Tensor:
         """``obs [B, N, o]``, ``avail [B, N, K]`` -> log pi ``[B, M, K]`` for the agents listed."""
@@ -390,7 +390,7 @@ class AlberDICE(nn.Module):
         """e_i(s, a) for every action a: ``state [B, S] -> [B, K]``. The input is (s, one-hot a): the first
         layer is s W_s + W_a[a] + b, computed once per row and once per action, then the K rows go through
         the rest of the network in one batch."""
-        B, K, S = state.shape[0], self.eye.shape[0], state.shape[1]
+        B, K, S = state.shape[0], self.n_actions, state.shape[1]
         W, b = self.e.layer(0, [i])
         h1 = (state @ W[0, :S]).unsqueeze(1) + W[0, S:] + b  # [B, K, H]
         return self.e(h1.reshape(1, B * K, -1), [i], start=1).view(B, K)
