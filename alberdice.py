@@ -55,11 +55,11 @@ class Args:
     """random seed (torch, numpy, the dataset sampler and evaluation)"""
     device: str = "auto"
     """torch device: auto, cpu, cuda, cuda:1, ..."""
-    total_steps: int = 2_000
+    total_steps: int = 10_000
     """training iterations; in each, every agent in turn takes --inner-steps best-response steps (Algorithm 1)"""
     batch_size: int = 256
     """transitions per minibatch (resampled D_rho, initial states and the policy batch each have this size)"""
-    eval_every: int = 500
+    eval_every: int = 1_000
     """iterations between evaluations (each also writes checkpoints/latest.pt)"""
     eval_episodes: int = 100
     """episodes per evaluation (the paper evaluates 100 episodes with sampled actions)"""
@@ -76,9 +76,10 @@ class Args:
     # ---- AlberDICE ----
     alpha: float = 1.0
     """KL-regularisation strength alpha of the regularised LP (Eq. 2)"""
-    alpha_end: float = 0.1
+    alpha_end: float = 0.01
     """if > 0, alpha decays geometrically from --alpha to this value over training (0 = constant;
-    the official matrix-game and Bridge configs anneal 5 -> 0.001 over ~3e5 iterations)"""
+    the official matrix-game and Bridge configs anneal 5 -> 0.001 over 2e4 / 1.5e5 iterations at lr 1e-4;
+    at lr 1e-3 over 1e4 iterations, 0.01 reaches the paper's Bridge return and 0.001 can collapse: docs)"""
     gamma: float = 0.99
     """discount factor"""
     lr: float = 1e-3
