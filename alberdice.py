@@ -56,11 +56,11 @@ class Args:
     """fp32, or bf16: the update's matmuls in bfloat16 under autocast (weights and optimiser stay fp32)"""
     compile: bool = False
     """torch.compile the update step (compiling takes a while first; see docs/architecture.md)"""
-    total_steps: int = 2_000
+    total_steps: int = 10_000
     """gradient updates"""
     batch_size: int = 256
     """transitions (sequences for sequence models) per update"""
-    eval_every: int = 500
+    eval_every: int = 1_000
     """updates between evaluations (and at the last update); a checkpoint is written at each"""
     eval_episodes: int = 100
     """episodes per evaluation; 0 turns evaluation off (no environment is built)"""
@@ -93,9 +93,10 @@ class Args:
     # ---- AlberDICE ----
     alpha: float = 1.0
     """KL-regularisation strength alpha of the regularised LP (Eq. 2)"""
-    alpha_end: float = 0.1
+    alpha_end: float = 0.01
     """if > 0, alpha decays geometrically from --alpha to this value over training (0 = constant;
-    the official matrix-game and Bridge configs anneal 5 -> 0.001 over ~3e5 iterations)"""
+    the official matrix-game and Bridge configs anneal 5 -> 0.001 over 2e4 / 1.5e5 iterations at lr 1e-4;
+    at lr 1e-3 over 1e4 iterations, 0.01 reaches the paper's Bridge return and 0.001 can collapse: docs)"""
     gamma: float = 0.99
     """discount factor"""
     lr: float = 1e-3
@@ -118,10 +119,16 @@ class Args:
     over a_{-i} ~ pi_{-i} (sound; the official code samples it too); 'sample' = log rho_i(x) at the
     dataset's a_{-i}, literally Eq. 8 (biased when pi_{-i} leaves the data's support; docs)"""
     kl_samples: int = 16
-    """samples a_{-i} ~ pi_{-i} for the 'policy' KL; exact enumeration when n_actions^(N-1) <= this"""
-    rho_refresh: int = 1
-    """agent turns between recomputations of the ratios rho over the whole dataset (1 = at every turn,
-    exactly Algorithm 1 line 5; larger values save time on big datasets with slightly stale weights)"""
+    """samples a_{-i} ~ pi_{-i} for the 'policy' KL at the dataset's a_i (nu and e steps); exact enumeration when
+    the first N-2 other agents have at most this many joint actions (two agents: always exact)"""
+    kl_samples_policy: int = 1
+    """the same for the KL at every action a_i in the policy step (Eq. 48), whose cost is K times larger; the
+    estimate is unbiased for any number and enters the I-projection linearly (docs)"""
+    rho_pool: int = 2560
+    """rows drawn uniformly from D at each agent's turn to compute the ratios rho_i on and resample D_rho_i
+    from (Algorithm 1 lines 4-6; at least --batch-size; the official code: its batch of 128 episodes x 20 steps
+    on Bridge). The cost of an iteration does not depend on the dataset's size; 0 (or a pool at least as large
+    as D): rho_i over the whole dataset at every turn, whose cost grows with |D| (docs)"""
     rho_max: float = 0.0
     """clip rho_i at this value before resampling (0 = no clip, as the paper; the official code uses 100)"""
     absorbing_horizon: int = 0
@@ -238,7 +245,9 @@ class AgentMLP(nn.Module):
     """One MLP per agent (separate parameters), evaluated for several agents with one batched
     matmul per layer: input ``[M, B, in]`` for the agents listed in ``agents`` (default: all),
     output ``[M, B, out]``. The weights are kept per agent, so an optimizer keeps separate state
-    per agent and an agent that is not being updated receives no gradient (Algorithm 1)."""
+    per agent and an agent that is not being updated receives no gradient (Algorithm 1). They are
+    stored ``[out, in]`` (as nn.Linear) and multiplied transposed: on CPU a layer with few outputs
+    (the policies' K logits) runs 2-3x faster in that layout than from ``[in, out]``."""
 
     def __init__(self, n_agents: int, in_dim: int, out_dim: int, hidden: int, out_scale: float = 1.0):
         super().__init__()
@@ -249,26 +258,33 @@ class AgentMLP(nn.Module):
         for k in range(len(sizes) - 1):
             for _ in range(n_agents):
                 lin = nn.Linear(sizes[k], sizes[k + 1])  # default PyTorch init, per agent
-                w = lin.weight.detach().t().contiguous()  # [in, out]
+                w = lin.weight.detach().clone()  # [out, in]
                 if k == len(sizes) - 2:
                     w = w * out_scale
                 self.weights.append(nn.Parameter(w))
                 self.biases.append(nn.Parameter(lin.bias.detach().clone() * (out_scale if k == len(sizes) - 2 else 1)))
         self.n_layers = len(sizes) - 1
 
-    def forward(self, x: torch.Tensor, agents: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, agents: list[int] | None = None, start: int = 0) -> torch.Tensor:
+        """``start=1``: ``x`` is already the first layer's pre-activation ``[M, B, hidden]``, computed by parts
+        by the caller (a one-hot input block contributes one row of the weight instead of a matmul)."""
         agents = range(self.n_agents) if agents is None else agents
-        N = self.n_agents
-        for k in range(self.n_layers):
-            if len(agents) == 1:  # one agent (its best-response update): no copy of the weights
-                w, b = self.weights[k * N + agents[0]].unsqueeze(0), self.biases[k * N + agents[0]].unsqueeze(0)
-            else:
-                w = torch.stack([self.weights[k * N + a] for a in agents])  # [M, in, out]
-                b = torch.stack([self.biases[k * N + a] for a in agents])  # [M, out]
+        if start:
+            x = F.relu(x)
+        for k in range(start, self.n_layers):
+            w, b = self.layer(k, agents)
             x = torch.baddbmm(b.unsqueeze(1), x, w)
             if k < self.n_layers - 1:
                 x = F.relu(x)
         return x
+
+    def layer(self, k: int, agents) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights ``[M, in, out]`` (a transposed view) and biases ``[M, out]`` of layer k for the listed agents."""
+        N = self.n_agents
+        if len(agents) == 1:  # one agent (its best-response update): no copy of the weights
+            return self.weights[k * N + agents[0]].t().unsqueeze(0), self.biases[k * N + agents[0]].unsqueeze(0)
+        return (torch.stack([self.weights[k * N + a] for a in agents]).transpose(1, 2),  # [M, in, out]
+                torch.stack([self.biases[k * N + a] for a in agents]))  # [M, out]
 
 
 def per_agent(x: torch.Tensor) -> torch.Tensor:
@@ -289,8 +305,46 @@ class ARDataPolicy(nn.Module):
         self.net = AgentMLP(N, N + state_dim + K + (N - 2) * K, K, hidden)
         others = torch.tensor([[j for j in range(N) if j != i] for i in range(N)], dtype=torch.long).view(N, N - 1)
         self.register_buffer("others", others, persistent=False)  # [N, N-1]
-        # prev[p, q] = 1 when the q-th other agent comes before the p-th one
-        self.register_buffer("prev", torch.tril(torch.ones(N - 1, max(N - 2, 0)), diagonal=-1), persistent=False)
+        self.others_list = others.tolist()  # the same as Python lists: indexing with them needs no device sync
+
+    def cond_log_probs(self, state: torch.Tensor, own: torch.Tensor, cand: torch.Tensor, avail: torch.Tensor,
+                       agents: list[int] | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """log pi^D(. | s, a_i, a_{<p}) over the K actions of every other agent p, for each agent i in ``agents``.
+
+        ``state [B, S]``; ``own [B, A, M]``: A candidate actions a_i per row (1: the dataset's; K: every action);
+        ``cand [C, B, M, N-1]``: C candidate joint actions of the others (index order) whose prefixes a_{<p}
+        are the inputs (the last other's entry is never an input); ``avail [B, N, K]``.
+        ``keep [B, N]`` (optional, the dataset's actions): the other agents' recorded actions count as available.
+        Returns ``[M, C, B, A, N-1, K]``. The first layer is computed by parts, exactly as on the
+        concatenated input [one-hot p, s, one-hot a_i, one-hot a_{<p}]: s W_s once per row, one weight
+        row per one-hot block."""
+        agents = list(range(self.N)) if agents is None else list(agents)
+        N, K, L = self.N, self.K, self.N - 1
+        C, B, A, M, S = cand.shape[0], state.shape[0], own.shape[1], len(agents), state.shape[-1]
+        W, bias = self.net.layer(0, agents)  # [M, N + S + K + (N-2)K, H], [M, H]
+        H = W.shape[-1]
+        m = torch.arange(M, device=state.device)
+        oth = self.others[agents]  # [M, L]
+        h_id = W[m[:, None], oth] + bias[:, None]  # [M, L, H]: one-hot of the predicted agent, and the bias
+        h_s = torch.einsum("bs,msh->mbh", state, W[:, N:N + S])  # [M, B, H]
+        h_own = W[:, N + S:N + S + K][m[:, None, None], own.permute(2, 0, 1)]  # [M, B, A, H]
+        h1 = (h_s[:, :, None, None] + h_own[:, :, :, None]) + h_id[:, None, None]  # [M, B, A, L, H]
+        h1 = h1.unsqueeze(1)  # [M, 1, B, A, L, H]
+        if N > 2:
+            w_prev = W[:, N + S + K:].reshape(M, N - 2, K, H)
+            pre = cand[..., : N - 2].permute(2, 0, 1, 3)  # [M, C, B, N-2]
+            g = w_prev[m[:, None, None, None], torch.arange(N - 2, device=state.device), pre]  # [M, C, B, N-2, H]
+            prev = torch.zeros(M, C, B, L, H, dtype=g.dtype, device=g.device)
+            prev[:, :, :, 1:] = g.cumsum(-2)  # sum over q < p
+            h1 = h1 + prev[:, :, :, None]  # [M, C, B, A, L, H]
+        else:
+            h1 = h1.expand(M, C, B, A, L, H)
+        logits = self.net(h1.reshape(M, C * B * A * L, H), agents, start=1).view(M, C, B, A, L, K)
+        av = avail[:, oth].permute(1, 0, 2, 3)[:, None, :, None]  # [M, 1, B, 1, L, K]
+        if keep is None:
+            return masked_log_softmax(logits, av)
+        kept = keep[:, oth].permute(1, 0, 2)[:, None, :, None].expand(M, C, B, A, L)
+        return masked_log_softmax(logits, av.expand_as(logits), kept)
 
     def log_prob(self, state: torch.Tensor, actions: torch.Tensor, cand: torch.Tensor, avail: torch.Tensor,
                  agents: list[int] | None = None, keep: bool = False) -> torch.Tensor:
@@ -300,57 +354,45 @@ class ARDataPolicy(nn.Module):
         joint actions of the other agents (index order), ``avail [B, N, K]``. With ``keep`` the
         dataset's actions of the other agents count as available. Returns ``[C, B, M]``."""
         agents = list(range(self.N)) if agents is None else list(agents)
-        N, K = self.N, self.K
-        C, B, M = cand.shape[0], state.shape[0], len(agents)
-        oth = self.others[agents]  # [M, N-1]
-        ident = F.one_hot(oth, N).float().expand(C, B, M, N - 1, N)
-        st = state[None, :, None, None, :].expand(C, B, M, N - 1, state.shape[-1])
-        own = F.one_hot(actions[:, agents], K).float()[None, :, :, None, :].expand(C, B, M, N - 1, K)
-        oh = F.one_hot(cand, K).float()  # [C, B, M, N-1, K]
-        prev = (oh[:, :, :, None, : N - 2, :] * self.prev[:, :, None]).flatten(-2)  # [C, B, M, N-1, (N-2)K]
-        x = torch.cat([ident, st, own, prev], -1)
-        x = x.permute(2, 0, 1, 3, 4).reshape(M, C * B * (N - 1), -1)
-        logits = self.net(x, agents).view(M, C, B, N - 1, K).permute(1, 2, 0, 3, 4)
-        av = avail[:, oth]  # [B, M, N-1, K]
-        kept = actions[:, oth].expand(C, B, M, N - 1) if keep else None
-        logp = masked_log_softmax(logits, av.unsqueeze(0).expand_as(logits), kept)
-        return logp.gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
+        logp = self.cond_log_probs(state, actions[:, agents].unsqueeze(1), cand, avail, agents,
+                                   actions if keep else None)[:, :, :, 0]
+        return logp.gather(-1, cand.permute(2, 0, 1, 3).unsqueeze(-1)).squeeze(-1).sum(-1).permute(1, 2, 0)
 
 
-def others_kl(policy_logp: torch.Tensor, ar: ARDataPolicy, state: torch.Tensor, actions: torch.Tensor,
+def others_kl(others_logp: torch.Tensor, ar: ARDataPolicy, state: torch.Tensor, actions: torch.Tensor,
               avail: torch.Tensor, i: int, n_samples: int, generator: torch.Generator | None = None,
               all_actions: bool = False) -> torch.Tensor:
     """KL(pi_{-i}(.|s) || pi_{-i}^D(.|s, a_i)) per row ``[B]`` (the expectation over a_{-i} ~ pi_{-i} of
     the log-ratio in Eq. 5), with a_i the dataset action of agent i; with ``all_actions`` for every
-    action a_i of agent i, ``[B, K]``.
+    action a_i of agent i, ``[B, K]``. ``others_logp [B, N-1, K]``: the other agents' current (masked)
+    log-probabilities, in index order.
 
-    Exact (enumerating every joint action of the others) when there are at most ``n_samples`` of
-    them, else a Monte-Carlo mean over ``n_samples`` draws a_{-i} ~ prod_{j != i} pi_j(.|o_j).
-    ``policy_logp [B, N, K]`` are the current policies' (masked) log-probabilities."""
+    By the chain rule of the KL, with p running over the others in order,
+        KL = sum_p E_{a_{<p} ~ pi} [ KL(pi_p(.|o_p) || pi^D(.|s, a_i, a_{<p})) ],
+    and each inner KL is a sum over the K actions of agent p (Rao-Blackwellised). Only the prefixes a_{<p}
+    of the first N-2 others are random: they are enumerated (exact) when there are at most ``n_samples``
+    of them, K^(N-2), else drawn ``n_samples`` times from pi (unbiased). Two agents: exact, one row."""
     N, K = ar.N, ar.K
-    B = state.shape[0]
-    oth = ar.others[i]  # [N-1]
-    lp = policy_logp[:, oth]  # [B, N-1, K]
-    if K ** (N - 1) <= n_samples:
-        cand = torch.tensor(list(itertools.product(range(K), repeat=N - 1)), device=state.device)  # [C, N-1]
-        cand = cand[:, None, :].expand(-1, B, -1)  # [C, B, N-1]
-        lp_c = lp.unsqueeze(0).expand(cand.shape[0], -1, -1, -1)
-        logp_others = lp_c.gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
-        weight = logp_others.exp()  # pi_{-i}(cand|s): exact expectation
+    B, P = state.shape[0], N - 2  # P: others whose actions are inputs of a later prediction
+    dev = state.device
+    if K ** P <= n_samples:
+        combos = torch.tensor(list(itertools.product(range(K), repeat=P)), dtype=torch.long, device=dev)
+        combos = combos.view(K ** P, P)  # [C, P] (one empty prefix when N = 2)
+        pre = combos[:, None, :].expand(-1, B, -1)  # [C, B, P]
+        lp_pre = others_logp[:, :P].unsqueeze(0).expand(pre.shape[0], -1, -1, -1)
+        weight = lp_pre.gather(-1, pre.unsqueeze(-1)).squeeze(-1).sum(-1).exp()  # pi(prefix): [C, B]
     else:
-        draws = torch.multinomial(lp.exp().reshape(B * (N - 1), K), n_samples, replacement=True, generator=generator)
-        cand = draws.view(B, N - 1, n_samples).permute(2, 0, 1)  # [C, B, N-1]
-        logp_others = lp.unsqueeze(0).expand(n_samples, -1, -1, -1).gather(-1, cand.unsqueeze(-1)).squeeze(-1).sum(-1)
-        weight = torch.full_like(logp_others, 1.0 / n_samples)
-    if not all_actions:
-        logp_data = ar.log_prob(state, actions, cand.unsqueeze(2), avail, agents=[i])[..., 0]  # [C, B]
-        return (weight * (logp_others - logp_data)).sum(0)
-    own = actions.unsqueeze(1).repeat(1, K, 1)  # [B, K, N]: every action of agent i
-    own[:, :, i] = torch.arange(K, device=state.device)
-    logp_data = ar.log_prob(state.repeat_interleave(K, 0), own.view(B * K, N),
-                            cand.repeat_interleave(K, 1).unsqueeze(2), avail.repeat_interleave(K, 0),
-                            agents=[i]).view(-1, B, K)  # [C, B, K]
-    return (weight.unsqueeze(-1) * (logp_others.unsqueeze(-1) - logp_data)).sum(0)
+        draws = torch.multinomial(others_logp[:, :P].exp().reshape(B * P, K), n_samples, replacement=True,
+                                  generator=generator)
+        pre = draws.view(B, P, n_samples).permute(2, 0, 1)  # [C, B, P]
+        weight = torch.full(pre.shape[:2], 1.0 / n_samples, device=dev)
+    cand = torch.cat([pre, torch.zeros_like(pre[..., :1])], -1)  # the last other's action is never an input
+    own = torch.arange(K, device=dev).expand(B, K) if all_actions else actions[:, i:i + 1]
+    logq = ar.cond_log_probs(state, own.unsqueeze(-1), cand.unsqueeze(2), avail, [i])[0]  # [C, B, A, N-1, K]
+    p = others_logp.exp()  # [B, N-1, K] (0 at unavailable actions, where both log-probabilities are ~-1e10)
+    cross = torch.einsum("blk,cbalk->cba", p, logq)  # E_{a_p ~ pi_p} log pi^D(a_p | ...), summed over p
+    kl = (p * others_logp).sum((-1, -2)).unsqueeze(-1) - (weight.unsqueeze(-1) * cross).sum(0)  # [B, A]
+    return kl if all_actions else kl[:, 0]
 
 
 class AlberDICE(nn.Module):
@@ -365,7 +407,7 @@ class AlberDICE(nn.Module):
         self.nu = AgentMLP(n_agents, state_dim, 1, hidden)
         self.nu_absorbing = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in range(n_agents)])  # nu_i(s_abs)
         self.e = AgentMLP(n_agents, state_dim + n_actions, 1, hidden)  # e_i(s, a_i): input (s, one-hot a_i)
-        self.register_buffer("eye", torch.eye(n_actions), persistent=False)
+        self.n_actions = n_actions
 
     def policy_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None,
                     keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -376,10 +418,13 @@ class AlberDICE(nn.Module):
         return masked_log_softmax(per_agent(logits), avail[:, idx], None if keep is None else keep[:, idx])
 
     def e_all(self, state: torch.Tensor, i: int) -> torch.Tensor:
-        """e_i(s, a) for every action a: ``state [B, S] -> [B, K]`` (one batched forward of the K inputs)."""
-        B, K = state.shape[0], self.eye.shape[0]
-        x = torch.cat([state.unsqueeze(1).expand(B, K, -1), self.eye.expand(B, K, K)], -1)
-        return self.e(x.view(1, B * K, -1), [i]).view(B, K)
+        """e_i(s, a) for every action a: ``state [B, S] -> [B, K]``. The input is (s, one-hot a): the first
+        layer is s W_s + W_a[a] + b, computed once per row and once per action, then the K rows go through
+        the rest of the network in one batch."""
+        B, K, S = state.shape[0], self.n_actions, state.shape[1]
+        W, b = self.e.layer(0, [i])
+        h1 = (state @ W[0, :S]).unsqueeze(1) + W[0, S:] + b  # [B, K, H]
+        return self.e(h1.reshape(1, B * K, -1), [i], start=1).view(B, K)
 
     def data_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None,
                   keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -424,16 +469,19 @@ def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | Non
 
 
 @torch.no_grad()
-def dataset_log_probs(model: AlberDICE, dataset, which: str, chunk: int = 1 << 14) -> torch.Tensor:
-    """Over every transition of the dataset (chunked): ``which='policy'`` -> log pi_j(a_j|o_j) ``[T, N]``;
-    ``which='ar'`` -> log pi_{-i}^D(a_{-i}|s, a_i) for every i ``[T, N]``."""
+def dataset_log_probs(model: AlberDICE, dataset, which: str, chunk: int = 1 << 14,
+                      agents: list[int] | None = None) -> torch.Tensor:
+    """Over every transition of the dataset (chunked): ``which='policy'`` -> log pi_j(a_j|o_j) ``[T, M]`` for
+    the listed agents (default all; computed one agent at a time, so that a column refreshed later is
+    bit-identical to a full recomputation); ``which='ar'`` -> log pi_{-i}^D(a_{-i}|s, a_i) for every i ``[T, N]``."""
     rows = dataset.transition_rows()
+    agents = list(range(dataset.n_agents)) if agents is None else list(agents)
     out = []
     for lo in range(0, rows.numel(), chunk):
         b = dataset.transitions(rows[lo: lo + chunk])
         if which == "policy":
-            lp = model.policy_logp(b["obs"], b["avail"], keep=b["actions"])
-            out.append(lp.gather(-1, b["actions"].unsqueeze(-1)).squeeze(-1))
+            out.append(torch.stack([model.policy_logp(b["obs"], b["avail"], [j], keep=b["actions"])[:, 0]
+                                    .gather(-1, b["actions"][:, j:j + 1])[:, 0] for j in agents], -1))
         else:
             cand = b["actions"][:, model.ar.others].unsqueeze(0)
             out.append(model.ar.log_prob(b["state"], b["actions"], cand, b["avail"], keep=True)[0])
@@ -442,23 +490,25 @@ def dataset_log_probs(model: AlberDICE, dataset, which: str, chunk: int = 1 << 1
 
 @torch.no_grad()
 def kl_term(model: AlberDICE, x: dict, i: int, estimator: str, n_samples: int, gen: torch.Generator | None = None,
-            all_actions: bool = False) -> torch.Tensor | None:
+            all_actions: bool = False, others_logp: torch.Tensor | None = None) -> torch.Tensor | None:
     """The other agents' KL term of e_hat for agent i on the rows of ``x``: ``[B]`` at the dataset's a_i,
     or (``all_actions``) ``[B, K]`` for every action a_i of agent i ('policy' only; None for 'sample').
+    ``others_logp [B, N-1, K]``: the others' log-probabilities at these rows when already computed.
 
     'policy': KL(pi_{-i}(.|s) || pi_{-i}^D(.|s, a_i)), the expectation under pi_{-i} that Eq. 5 defines.
     'sample': log rho_i(x) = log pi_{-i}(a_{-i}|s) / pi_{-i}^D(a_{-i}|s, a_i) at the dataset's a_{-i} (Eq. 8).
     Both agree in expectation over D_rho_i only where pi_{-i} stays inside the support of
     pi_{-i}^D(.|s, a_i); outside it 'sample' misses the (large) penalty: see docs/alberdice.md."""
+    oth = model.ar.others_list[i]
+    if others_logp is None:
+        others_logp = model.policy_logp(x["obs"], x["avail"], oth, keep=x["actions"])
     if estimator == "policy":
-        logp_all = model.policy_logp(x["obs"], x["avail"])
-        return others_kl(logp_all, model.ar, x["state"], x["actions"], x["avail"], i, n_samples, gen, all_actions)
+        return others_kl(others_logp, model.ar, x["state"], x["actions"], x["avail"], i, n_samples, gen, all_actions)
     if all_actions:
         return None
-    lp = model.policy_logp(x["obs"], x["avail"], keep=x["actions"]).gather(-1, x["actions"].unsqueeze(-1)).squeeze(-1)
-    cand = x["actions"][:, model.ar.others[i]][None, :, None, :]
-    logp_data = model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i], keep=True)[0, :, 0]
-    return (lp.sum(-1) - lp[:, i]) - logp_data
+    lp = others_logp.gather(-1, x["actions"][:, oth].unsqueeze(-1)).squeeze(-1).sum(-1)  # [B]
+    cand = x["actions"][:, oth][None, :, None, :]
+    return lp - model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i], keep=True)[0, :, 0]
 
 
 def e_values(model: AlberDICE, state: torch.Tensor, i: int, alpha: float, kl_all: torch.Tensor | None) -> torch.Tensor:
@@ -468,16 +518,99 @@ def e_values(model: AlberDICE, state: torch.Tensor, i: int, alpha: float, kl_all
     return e if kl_all is None else e - alpha * kl_all
 
 
-def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.Tensor, alpha: float, args: Args,
-                 gen: torch.Generator, absorbing_frac: float = 0.0) -> dict[str, torch.Tensor]:
-    """One best-response step of agent i (Algorithm 1 lines 4-7)."""
+def uses_pool(args: Args, dataset) -> bool:
+    """True when the ratios are computed on a random pool of rows (``--rho-pool`` smaller than the dataset),
+    False when on every transition of D."""
+    return args.rho_pool > 0 and max(args.rho_pool, args.batch_size) < dataset.n_transitions
+
+
+@dataclass
+class RatioPool:
+    """The rows on which the ratios rho_i are computed, with the policies' log-probabilities there, kept
+    while valid: after agent i's turn only column i is stale (Algorithm 1: one policy changes per turn).
+
+    Pool (``--rho-pool`` M < |D|): M rows drawn uniformly from D at the start of an iteration and shared by
+    the agents' turns (as the official code shares its batch); ``logp [M, N, K]`` (full distributions, also
+    used for the others' KL term). Whole dataset: every transition, kept across iterations;
+    ``logp [T, N]`` at the dataset actions."""
+    pos: torch.Tensor | None  # positions of the pool rows in transition order; None: every transition
+    x: dict | None  # the pool's transitions
+    logp: torch.Tensor
+    stale: set
+
+
+def new_pool(dataset, args: Args, n_actions: int) -> RatioPool:
+    """Algorithm 1 line 4: the rows x ~ D on which this iteration's ratios are computed."""
+    N, dev = dataset.n_agents, dataset.device
+    trans = dataset.transition_rows()
+    if not uses_pool(args, dataset):
+        return RatioPool(None, None, torch.zeros(trans.numel(), N, device=dev), set(range(N)))
+    M = max(args.rho_pool, args.batch_size)
+    pos = torch.randint(0, trans.numel(), (M,), device=trans.device, generator=dataset.generator)
+    return RatioPool(pos, dataset.transitions(trans[pos]), torch.zeros(M, N, n_actions, device=dev), set(range(N)))
+
+
+@torch.no_grad()
+def refresh_pool(model: AlberDICE, dataset, pool: RatioPool, agents: list[int]) -> None:
+    """Recompute the stale columns among ``agents`` (one batched forward of those agents on the pool; on the
+    whole dataset one agent at a time, so that a refreshed column is bit-identical to a fresh cache)."""
+    stale = sorted(pool.stale.intersection(agents))
+    if not stale:
+        return
+    if pool.x is not None:
+        pool.logp[:, stale] = model.policy_logp(pool.x["obs"], pool.x["avail"], stale,
+                                                keep=pool.x["actions"]).to(pool.logp.dtype)
+    else:
+        pool.logp[:, stale] = dataset_log_probs(model, dataset, "policy", agents=stale).to(pool.logp.dtype)
+    pool.stale.difference_update(stale)
+
+
+@torch.no_grad()
+def resample(model: AlberDICE, dataset, i: int, args: Args, pool: RatioPool, logp_data_others: torch.Tensor) -> dict:
+    """Algorithm 1 lines 5-6 for agent i: the resampled batch D_rho_i (``x``), log rho_bar_i, a uniform batch
+    of D for the I-projection (``u``), and the other agents' log-probabilities ``[B, N-1, K]`` at both.
+
+    Pool: rho_i on the M pool rows (log pi_{-i}^D from a table made once after pretraining), B rows drawn
+    from the pool with probability proportional to rho_i, rho_bar_i = the pool's mean of rho_i:
+    rho_bar_P * mean_{D_rho} f estimates E_D[rho_i f] without bias for every f and every M (docs/alberdice.md),
+    at a cost that does not depend on |D|. ``u``: B rows drawn uniformly from the pool.
+    Whole dataset: rho_i on every transition; ``x`` drawn from D, ``u`` uniformly from D."""
+    B = args.batch_size
+    oth = model.ar.others_list[i]
+    refresh_pool(model, dataset, pool, oth)
+    if pool.x is not None:
+        P, lp = pool.x, pool.logp[:, oth]  # [M, N-1, K]
+        log_rho = lp.gather(-1, P["actions"][:, oth].unsqueeze(-1)).squeeze(-1).sum(-1) \
+            - logp_data_others[pool.pos, i]  # Eq. 11
+    else:
+        log_rho = pool.logp[:, oth].sum(-1) - logp_data_others[:, i]  # Eq. 11
+    if args.rho_max > 0:
+        log_rho = log_rho.clamp(max=math.log(args.rho_max))
+    weights, log_rho_bar = resampling_weights(log_rho)
+    if pool.x is not None:
+        pick = torch.multinomial(weights, B, replacement=True, generator=dataset.generator)
+        upick = torch.randint(0, weights.numel(), (B,), device=weights.device, generator=dataset.generator)
+        x = {k: P[k][pick] for k in ("obs", "avail", "actions", "state", "next_state", "reward", "done")}
+        u = {k: P[k][upick] for k in ("obs", "avail", "actions", "state")}
+        return dict(x=x, x_logp=lp[pick], u=u, u_logp=lp[upick], log_rho_bar=log_rho_bar, weights=weights)
+    x = dataset.sample(B, weights=weights)  # drawn with probability proportional to rho_i (Eq. 12)
+    u = dataset.sample(B)
+    return dict(x=x, x_logp=model.policy_logp(x["obs"], x["avail"], oth, keep=x["actions"]), u=u,
+                u_logp=model.policy_logp(u["obs"], u["avail"], oth, keep=u["actions"]), log_rho_bar=log_rho_bar,
+                weights=weights)
+
+
+def agent_update(model: AlberDICE, opts: dict, dataset, i: int, pool: RatioPool, logp_data_others: torch.Tensor,
+                 alpha: float, args: Args, gen: torch.Generator,
+                 absorbing_frac: float = 0.0) -> dict[str, torch.Tensor]:
+    """One best-response step of agent i (Algorithm 1 lines 5-7)."""
     B, g = args.batch_size, args.gamma
-    weights, log_rho_bar = resampling_weights(log_rho[:, i])
-    x = dataset.sample(B, weights=weights)  # D_rho_i: drawn with probability proportional to rho_i (Eq. 12)
+    r = resample(model, dataset, i, args, pool, logp_data_others)
+    x, log_rho_bar, weights = r["x"], r["log_rho_bar"], r["weights"]
     s0 = dataset.sample_initial(B)  # D_0
     a_i = x["actions"][:, i]
     with torch.no_grad():
-        kl = kl_term(model, x, i, args.kl_estimator, args.kl_samples, gen)
+        kl = kl_term(model, x, i, args.kl_estimator, args.kl_samples, gen, others_logp=r["x_logp"])
         data_logp_i = model.data_logp(x["obs"], x["avail"], [i])[:, 0]  # [B, K]
 
     # nu_i: Eq. 31 / 46
@@ -502,9 +635,10 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.T
     opts["e"].step()
 
     # pi_i: I-projection on states of D (Eq. 48; local observation o_i, App. J.1 Eq. 50)
-    u = dataset.sample(B)
+    u = r["u"]
     with torch.no_grad():
-        e_u = e_values(model, u["state"], i, alpha, kl_term(model, u, i, args.kl_estimator, args.kl_samples, gen, True))
+        kl_u = kl_term(model, u, i, args.kl_estimator, args.kl_samples_policy, gen, True, others_logp=r["u_logp"])
+        e_u = e_values(model, u["state"], i, alpha, kl_u)
         data_u = model.data_logp(u["obs"], u["avail"], [i])[:, 0]
     logits = model.policy(u["obs"][:, i][None], [i])[0]
     loss_pi = i_projection_loss(logits, e_u, data_u, u["avail"][:, i], alpha).mean()
@@ -516,28 +650,31 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, log_rho: torch.T
             "ess": weights.sum() ** 2 / (weights.pow(2).sum() * weights.numel()), "nu_absorbing": nu_abs.detach()}
 
 
-def train_iteration(model: AlberDICE, opts: dict, dataset, args: Args, step: int, log_rho: torch.Tensor | None,
+def train_iteration(model: AlberDICE, opts: dict, dataset, args: Args, step: int, pool: RatioPool | None,
                     logp_data_others: torch.Tensor, gen: torch.Generator,
-                    absorbing_frac: float = 0.0) -> tuple[torch.Tensor, list[dict]]:
+                    absorbing_frac: float = 0.0) -> tuple[RatioPool, list[dict]]:
     """One iteration of Algorithm 1 (lines 3-8): every agent best-responds in turn, each against the
-    other agents' current policies. Returns the (possibly refreshed) log rho and per-agent losses."""
+    other agents' current policies. ``pool``: the previous iteration's ratio rows (kept when they are the
+    whole dataset; a pool is drawn anew; None: start). Returns the pool and per-agent losses."""
     alpha = alpha_at(args, step)
     N = dataset.n_agents
+    if pool is None or pool.x is not None:
+        pool = new_pool(dataset, args, model.ar.K)  # line 4
     infos = []
     for i in range(N):
-        # line 5: rho_i with the current pi_{-i}, which stays fixed during agent i's turn
-        if log_rho is None or (step * N + i) % args.rho_refresh == 0:
-            log_rho = log_importance_ratios(dataset_log_probs(model, dataset, "policy"), logp_data_others, args.rho_max)
         for _ in range(args.inner_steps):
-            infos.append(agent_update(model, opts, dataset, i, log_rho, alpha, args, gen, absorbing_frac))
-    return log_rho, infos
+            infos.append(agent_update(model, opts, dataset, i, pool, logp_data_others, alpha, args, gen,
+                                      absorbing_frac))
+        pool.stale.add(i)  # only agent i's policy changed during its turn
+    return pool, infos
 
 
 def make_optimizers(model: AlberDICE, lr: float) -> dict:
     """Adam for nu, e and the policies; the per-agent parameters keep per-agent optimizer state."""
     params = {"nu": [*model.nu.parameters(), *model.nu_absorbing.parameters()], "e": model.e.parameters(),
               "policy": model.policy.parameters()}
-    return {k: torch.optim.Adam(p, lr=lr, foreach=True) for k, p in params.items()}
+    # fused: one kernel for the few tensors of the agent that moved (2x faster than foreach on a CPU, measured)
+    return {k: torch.optim.Adam(p, lr=lr, fused=True) for k, p in params.items()}
 
 
 # ======================================================== policy and evaluation
@@ -583,8 +720,8 @@ def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None
 def main(args: Args) -> dict:
     if args.eval_only:
         return eval_only(args, "alberdice", load_policy)
-    run = Run(args, "alberdice", positive=("alpha", "inner_steps", "kl_samples", "rho_refresh"),
-              nonneg=("alpha_end", "cql_alpha", "pretrain_steps", "rho_max", "absorbing_horizon"))
+    run = Run(args, "alberdice", positive=("alpha", "inner_steps", "kl_samples", "kl_samples_policy"),
+              nonneg=("alpha_end", "cql_alpha", "pretrain_steps", "rho_max", "rho_pool", "absorbing_horizon"))
     dataset, env = run.load_data(check=check_discrete)
     dataset.to(run.device).seed(args.seed)
     N, K = dataset.n_agents, dataset.n_actions
@@ -601,11 +738,11 @@ def main(args: Args) -> dict:
         run.checkpoint()
     logp_data_others = dataset_log_probs(model, dataset, "ar")  # pi_{-i}^D is fixed after pretraining
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
-    log_rho = None
+    pool = None  # the rows whose ratios rho_i an iteration's turns share (train_iteration)
     iteration = run.compile(train_iteration)  # torch.compile with --compile
     while run.training:
         with run.autocast():  # bfloat16 matmuls with --precision bf16
-            log_rho, infos = iteration(model, opts, dataset, args, run.step, log_rho, logp_data_others, gen, f_abs)
+            pool, infos = iteration(model, opts, dataset, args, run.step, pool, logp_data_others, gen, f_abs)
         run.record({f"losses/{k}": torch.stack([d[k] for d in infos]).mean() for k in infos[0]}
                    | {"charts/alpha": alpha_at(args, run.step)})
     return run.finish()

@@ -47,8 +47,8 @@ CFCQL_PAGE = "https://drive.google.com/file/d/1Hn0CxnGDiwF9i7ugiLCyUYz-GzIkdQeD/
 SOURCE_PRIORITY = ("omiga-hdf5", "omiga-madt", "omiga", "cfcql-h5", "cfcql", "alberdice", "omar", "og_marl",
                    "og_marl_legacy")
 # quality names generate() may be asked for, used to list local recipes in messages
-LOCAL_QUALITIES = ("a", "b", "c", "d", "optimal", "mix", "random", "expert", "medium", "medium-replay",
-                   "medium-expert", "expert-alberdice", "medium-alberdice", "mix-alberdice")
+LOCAL_QUALITIES = ("a", "b", "c", "d", "optimal", "mix", "optimal-l20", "mix-l20", "random", "expert", "medium",
+                   "medium-replay", "medium-expert", "expert-alberdice", "medium-alberdice", "mix-alberdice")
 
 # SMAC episode limits (smac/smacv2 map registries): time-limit endings of these vaults are
 # stored as terminal, so episodes of exactly this length are re-labelled as time-limit cuts

@@ -398,6 +398,31 @@ def bridge_mix_dataset(seed: int = 0) -> OfflineDataset:
         policy="episodes 0-499: uniform random (= quality random); 500-999: scripted optimal (= quality optimal)")))
 
 
+PUBLISHED_EPISODE_LIMIT = 20  # the published AlberDICE Bridge config's episode limit (envs/bridge.yaml)
+
+
+def cut_episodes(ds: OfflineDataset, max_steps: int, quality: str) -> OfflineDataset:
+    """Every episode cut to its first ``max_steps`` steps, as the published AlberDICE loader reads its
+    50-step buffers with the config's episode limit (it keeps ``max_steps + 1`` slots; spec §2, "loader
+    caveat"). A cut episode ends by time limit (bootstrap); the meta's episode limit becomes
+    ``max_steps``, so an absorbing state after a true end lasts up to ``max_steps`` (as its padding)."""
+    es = np.asarray(ds.episode_start)
+    episodes = []
+    for e in range(ds.n_episodes):
+        r0, steps = int(es[e]), int(es[e + 1] - es[e] - 1)  # the episode's last row holds its final observation
+        t = min(steps, max_steps)
+        rows = slice(r0, r0 + t + 1)
+        episodes.append(dict(obs=np.asarray(ds.obs[rows]), state=np.asarray(ds.state[rows]),
+                             avail=np.asarray(ds.avail[rows]), actions=np.asarray(ds.actions[r0:r0 + t]),
+                             reward=np.asarray(ds.reward[r0:r0 + t]),
+                             terminated=steps <= max_steps and bool(ds.terminal[r0 + steps - 1])))
+    meta = dict(ds.meta, quality=quality, env_options=dict(ds.meta.get("env_options", {}), episode_limit=max_steps))
+    meta["provenance"] = dict(ds.meta.get("provenance", {}), cut=(
+        f"every episode cut to its first {max_steps} steps (the published AlberDICE loader with the Bridge "
+        f"config's episode limit); cut episodes end by time limit"))
+    return OfflineDataset.from_episodes(episodes, meta)
+
+
 def matrix_random_dataset(task: str, seed: int = 0) -> OfflineDataset:
     """100 episodes x 50 steps, each agent uniform over A, B."""
     env = make_env("matrix", task, episode_limit=DATA_EPISODE_LIMIT)
@@ -436,6 +461,10 @@ RECIPES[("bridge", "hard", "optimal")] = Recipe(_partial(bridge_optimal_dataset)
                                                 "AlberDICE optimal: 500 scripted optimal crossings (8 steps)")
 RECIPES[("bridge", "hard", "mix")] = Recipe(_partial(bridge_mix_dataset),
                                             "AlberDICE mix: 500 uniform-random episodes (limit 50) + the 500 optimal")
+for _q, _build in (("optimal", bridge_optimal_dataset), ("mix", bridge_mix_dataset)):
+    RECIPES[("bridge", "hard", f"{_q}-l20")] = Recipe(
+        lambda seed, _build=_build, _q=_q: cut_episodes(_build(seed=seed), PUBLISHED_EPISODE_LIMIT, f"{_q}-l20"),
+        f"AlberDICE {_q} as the published code trains on it: every episode cut to its first 20 steps")
 for _task in ("hard", "easy"):
     RECIPES[("bridge", _task, "random")] = Recipe(_partial(bridge_random_dataset, _task),
                                                   "500 uniform-random episodes, limit 50")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from common import OfflineMarlError
+from common import collect as collect_module
 from common import envs as envs_module
 from common.collect import (RECIPES, XOR_SUPPORTS, NoisyPolicy, generate, has_recipe, load_act_fn, main,
                             rollout, uniform_available)
@@ -131,6 +132,28 @@ def test_bridge_mix(data):
     acts = rand.actions[~rand.last]
     freq = np.bincount(acts.ravel(), minlength=5) / acts.size
     assert np.abs(freq - 0.2).max() < 4 * np.sqrt(0.16 / acts.size)
+
+
+def test_bridge_cut_to_the_published_episode_limit(data):
+    """mix-l20 / optimal-l20: the episodes as the published AlberDICE loader reads them with the Bridge
+    config's limit, the first 20 steps of each; the cut ones end by time limit, the rest keep their flags."""
+    for q in ("mix", "optimal"):
+        full = data[("bridge", "hard", q)]
+        cut = collect_module.cut_episodes(full, 20, f"{q}-l20")
+        assert cut.n_episodes == full.n_episodes and cut.meta["env_options"]["episode_limit"] == 20
+        assert cut.meta["quality"] == f"{q}-l20" and cut.episode_lengths.max() <= 20
+        np.testing.assert_array_equal(cut.episode_lengths, np.minimum(full.episode_lengths, 20))
+        last_cut, last_full = cut.episode_start[1:] - 2, full.episode_start[1:] - 2
+        was_cut = full.episode_lengths > 20
+        np.testing.assert_array_equal(cut.timeout[last_cut][was_cut], True)
+        np.testing.assert_array_equal(cut.terminal[last_cut][was_cut], False)
+        np.testing.assert_array_equal(cut.terminal[last_cut][~was_cut], full.terminal[last_full][~was_cut])
+        for e in (0, full.n_episodes - 1):  # the kept steps are the original's, observation for observation
+            rc, rf = episode_rows(cut, e), episode_rows(full, e)[: len(episode_rows(cut, e))]
+            for k in ("obs", "state", "actions", "reward", "avail"):
+                np.testing.assert_array_equal(cut.arrays[k][rc[:-1]], full.arrays[k][rf[:-1]], err_msg=k)
+            np.testing.assert_array_equal(cut.obs[rc[-1]], full.obs[rf[-1]])
+    assert has_recipe("bridge", "hard", "mix-l20") and has_recipe("bridge", "hard", "optimal-l20")
 
 
 # -------------------------------------------------------------- exact replay
