@@ -140,15 +140,16 @@ class MatrixRelay(MultiAgentEnv):
 
     Agent 0 (the runner) moves a ball along positions 0..6: A advances it one
     position (it stays at 6), B holds it. Agent 1 (the helper) plays A (stay back,
-    pays 0) or B (pass): +0.3 when the runner holds that step, -0.25 when it runs.
+    pays 0) or B (pass): +2 when the runner holds that step, -1.5 when it runs.
     The episode lasts exactly 8 steps and then ends for real (``terminated``); the
-    last step pays +1 more if the ball is at 6 after it. Both agents (and the
-    state) see ``[one-hot(t) of 8, one-hot(position) of 7]``. Under uniform data the
-    helper's pass looks slightly good ((0.3 - 0.25) / 2 per step), but it costs
-    the team once the runner runs, while the runner's choices decide the +1."""
+    last step pays +20 more if the ball is at 6 after it. Both agents (and the
+    state) see ``[one-hot(t) of 8, one-hot(position) of 7]``. The optimum, 24, is the
+    runner running six times while the helper stays back, then two passes. Under
+    uniform data the helper's pass looks good ((2 - 1.5) / 2 per step), but it costs
+    the team once the runner runs, while the runner's choices decide the +20."""
 
     n_agents, discrete, n_actions = 2, True, 2
-    HORIZON, GOAL, PASS_HOLD, PASS_RUN, BONUS = 8, 6, 0.3, -0.25, 1.0
+    HORIZON, GOAL, PASS_HOLD, PASS_RUN, BONUS = 8, 6, 2.0, -1.5, 20.0
     obs_dim = state_dim = HORIZON + GOAL + 1
 
     def __init__(self, task: str = "omcda_relay", episode_limit: int = 8):
