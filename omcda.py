@@ -91,8 +91,9 @@ class Args:
     """initial per-agent conservative degree; default from Table 5: 0.05 expert, 0.1 good, 0.2 otherwise"""
     d_tot: float | None = None
     """total conservative degree; default n_agents * d_init"""
-    alloc_floor: float = 0.1
-    """share of d_tot split uniformly, m = (1 - floor) softmax + floor / N (0 = the paper's softmax)"""
+    alloc_floor: float = 0.0
+    """share of d_tot split uniformly, m = (1 - floor) softmax + floor / N (0, measured best: docs/omcda.md choice 10;
+    a floor keeps every d_i >= floor * d_tot / N, which matters only with many agents)"""
     alloc_normalise: bool = True
     """divide the influences by their mean magnitude before the softmax (False = the paper's raw softmax)"""
     influence_eps: float = 1e-6
@@ -115,8 +116,9 @@ class Args:
     """behaviour-cloning updates of pi_b before training (unstated)"""
     bc_lr: float = 1e-3
     """Adam lr of behaviour cloning (unstated)"""
-    diag_constraint_mixer: bool = False
-    """constraint mixer W^c diagonal: agent i's Q^{c,i} mixes only Q_i^c (the variant Eq. 6 holds exactly for)"""
+    diag_constraint_mixer: bool = True
+    """constraint mixer W^c diagonal: agent i's Q^{c,i} mixes only Q_i^c, the variant Eq. 6 holds exactly for and the
+    better one measured (docs/omcda.md choice 3); --no-diag-constraint-mixer is the paper's full N x N W^c"""
     no_allocation: bool = False
     """ablation OMCDA-w/o-CDA: d_i = d_tot / N throughout, alpha_i still adaptive"""
     no_decomposition: bool = False
@@ -247,7 +249,7 @@ def influence_gaussian(mu: torch.Tensor, log_std: torch.Tensor, mu_b: torch.Tens
     return num / (den.clamp(min=var_floor) + eps), num, den
 
 
-def allocate(m_tilde: torch.Tensor, d_tot: float, floor: float = 0.1, normalise: bool = True
+def allocate(m_tilde: torch.Tensor, d_tot: float, floor: float = 0.0, normalise: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 17 and 20: m = softmax over agents of the influences, d_i = m_i d_tot.
 

@@ -466,7 +466,7 @@ def test_two_agent_update_policy_is_the_exact_soft_bellman_policy(factorised_run
 
 def test_two_agent_update_alpha_and_allocation_reach_the_exact_fixed_point(factorised_run):
     """The alpha step and the allocation: the learned alpha_i and d_i match the exact fixed point of
-    KL_i(alpha_i) = d_i and d = allocate(influence) (d = (0.254, 0.146), alpha = (0.45, 0.18) here;
+    KL_i(alpha_i) = d_i and d = allocate(influence) (d = (0.257, 0.143), alpha = (0.44, 0.18) here;
     uniform d would be (0.2, 0.2), and alpha has to travel there from alpha_0 = 1)."""
     r = factorised_run
     d_exact, alpha_exact = factorised_fixed_point(r["args"])
@@ -695,7 +695,7 @@ def matrix_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags", [{}, {"no_allocation": True}, {"no_decomposition": True},
-                                   {"random_allocation": True}, {"diag_constraint_mixer": True}])
+                                   {"random_allocation": True}, {"diag_constraint_mixer": False}])
 def test_smoke_matrix_with_ablation_switches(tmp_path, matrix_data, flags):
     args = tiny_args(tmp_path, "run", matrix_data, env="matrix", task="penalty_xor", **flags)
     out = omcda.main(args)
