@@ -98,8 +98,9 @@ class Args:
     """Adam lr of Q^c, V^c and the constraint mixer"""
     lr_policy: float = 2e-4
     """Adam lr of the policies"""
-    lr_alpha: float = 1e-5
-    """Adam lr of log alpha_i, Eq. 55"""
+    lr_alpha: float = 1e-3
+    """Adam lr of log alpha_i, Eq. 55. Table 5's 1e-5 moves log alpha by at most ~1e-5 per update, so alpha needs
+    ~3e5 updates to travel a factor 20 from alpha_init; 1e-3 gets there in a few thousand (docs/omcda.md)"""
     alpha_init: float = 10.0
     """initial conservatism level alpha_i (unstated; OMIGA's alpha)"""
     alpha_log_range: float = 4.6
@@ -108,24 +109,34 @@ class Args:
     """initial per-agent conservative degree; default from Table 5: 0.05 expert, 0.1 good, 0.2 otherwise"""
     d_tot: float | None = None
     """total conservative degree; default n_agents * d_init"""
-    alloc_floor: float = 0.1
-    """share of d_tot split uniformly, m = (1 - floor) softmax + floor / N (0 = the paper's softmax)"""
+    alloc_floor: float = 0.0
+    """share of d_tot split uniformly, m = (1 - floor) softmax + floor / N (0, measured best: docs/omcda.md choice 10;
+    a floor keeps every d_i >= floor * d_tot / N, which matters only with many agents)"""
     alloc_normalise: bool = True
     """divide the influences by their mean magnitude before the softmax (False = the paper's raw softmax)"""
     influence_eps: float = 1e-6
     """added to the denominator E[Var(h_i)] of the influence"""
+    influence_floor: float = 0.1
+    """guard: the influence's denominator E[Var(h_i)] is at least 2 * floor * d_tot / N, the Var(h) of a deviation
+    that spends this fraction of the uniform per-agent budget (Var(h) ~ 2 KL near pi_b); 0 = the plain ratio,
+    which grows like 1 / |pi_i - pi_b| as pi_i approaches pi_b"""
+    kl_noise_std: float = 0.1
+    """guard (continuous actions): the KL and the influence compare the policies with independent N(0, std^2) noise
+    added to their pre-tanh actions, a lower bound of the exact KL that stays finite when behaviour cloning drives
+    pi_b's log-std to its -5 clamp; 0 = the exact KL"""
     exp_cap: float = 10.0
     """Eq. 25 uses exp(z) up to this z and its tangent line above"""
     weight_clip: float = 10.0
     """the exponent of the Eq. 54 policy weights is clamped to [-clip, clip]"""
     grad_clip: float = 1.0
-    """gradient-norm clip of every network update (unstated; OMIGA's)"""
+    """gradient-norm clip of every network update (unstated; OMIGA's); 0 = no clipping"""
     bc_steps: int = 20_000
     """behaviour-cloning updates of pi_b before training (unstated)"""
     bc_lr: float = 1e-3
     """Adam lr of behaviour cloning (unstated)"""
-    diag_constraint_mixer: bool = False
-    """constraint mixer W^c diagonal: agent i's Q^{c,i} mixes only Q_i^c (the variant Eq. 6 holds exactly for)"""
+    diag_constraint_mixer: bool = True
+    """constraint mixer W^c diagonal: agent i's Q^{c,i} mixes only Q_i^c, the variant Eq. 6 holds exactly for and the
+    better one measured (docs/omcda.md choice 3); --no-diag-constraint-mixer is the paper's full N x N W^c"""
     no_allocation: bool = False
     """ablation OMCDA-w/o-CDA: d_i = d_tot / N throughout, alpha_i still adaptive"""
     no_decomposition: bool = False
@@ -210,15 +221,27 @@ def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: to
     return (log_normal - log_det).sum(-1)
 
 
+def smoothed_log_std(log_std: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """log-std of a Gaussian with independent N(0, noise_std^2) noise added: 0.5 log(s^2 + noise_std^2).
+    The KL between two Gaussians smoothed this way is at most their KL (data-processing inequality) and
+    is finite when either standard deviation goes to 0."""
+    if noise_std <= 0:
+        return log_std
+    return 0.5 * torch.log(torch.exp(2 * log_std) + noise_std**2)
+
+
 def influence_discrete(logp: torch.Tensor, logp_b: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
-                       avail: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       avail: torch.Tensor, eps: float = 1e-6, var_floor: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Influence m~_i = dE[V_tot^r] / dE[KL_i] (Eqs. 18-20) for categorical policies.
 
     With V_tot^r(pi) = sum_j w_j E_{pi_j}[Q_j^r] + b and the derivative taken along the geometric
     path pi_t ~ pi_b^(1-t) pi^t at t = 1 (the Fisher-metric reading of Eq. 19's inverse):
         m~_i = E_o[w_i Cov_pi_i(Q_i, h_i)] / (E_o[Var_pi_i(h_i)] + eps),  h_i = log pi_i - log pi_b^i,
     with exact sums over the available actions. Inputs [B, N, K] (w: [B, N]);
-    returns m~ [N], the numerator [N] and the denominator [N] (batch means)."""
+    returns m~ [N], the numerator [N] and the denominator [N] (batch means). The ratio grows like
+    1/|pi - pi_b| as pi approaches pi_b along any direction; ``var_floor`` > 0 bounds the
+    denominator from below (the guard of ``Args.influence_floor``)."""
     avail = avail | ~avail.any(-1, keepdim=True)
     p = torch.where(avail, logp.exp(), torch.zeros_like(logp))
     h = torch.where(avail, logp - logp_b, torch.zeros_like(logp))
@@ -227,12 +250,12 @@ def influence_discrete(logp: torch.Tensor, logp_b: torch.Tensor, q: torch.Tensor
     qc = q - (p * q).sum(-1, keepdim=True)
     num = (w * (p * qc * hc).sum(-1)).mean(0)
     den = (p * hc * hc).sum(-1).mean(0)
-    return num / (den + eps), num, den
+    return num / (den.clamp(min=var_floor) + eps), num, den
 
 
 def influence_gaussian(mu: torch.Tensor, log_std: torch.Tensor, mu_b: torch.Tensor, log_std_b: torch.Tensor,
                        q_fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, noise: torch.Tensor,
-                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       eps: float = 1e-6, var_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same influence for tanh-Gaussian policies (App. E.2: reparameterised, one sample per state).
 
     The geometric path between two Gaussians is Gaussian (precisions interpolate):
@@ -250,10 +273,10 @@ def influence_gaussian(mu: torch.Tensor, log_std: torch.Tensor, mu_b: torch.Tens
     kl = gaussian_kl(mean_t, -0.5 * torch.log(prec_t), mu_b, log_std_b).sum()
     num = torch.autograd.grad(value, t, retain_graph=True)[0].squeeze(-1) / mu.shape[0]
     den = torch.autograd.grad(kl, t)[0].squeeze(-1) / mu.shape[0]
-    return num / (den + eps), num, den
+    return num / (den.clamp(min=var_floor) + eps), num, den
 
 
-def allocate(m_tilde: torch.Tensor, d_tot: float, floor: float = 0.1, normalise: bool = True
+def allocate(m_tilde: torch.Tensor, d_tot: float, floor: float = 0.0, normalise: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 17 and 20: m = softmax over agents of the influences, d_i = m_i d_tot.
 
@@ -400,6 +423,7 @@ class OMCDA(nn.Module):
             share = np.random.default_rng(args.seed).dirichlet(np.ones(N))
             self.d.copy_(torch.as_tensor(share * self.d_tot, dtype=torch.float32))
             self.m.copy_(torch.as_tensor(share, dtype=torch.float32))
+        self.var_floor = 2.0 * args.influence_floor * self.d_tot / N  # guard of the influence's denominator
         self.lo = math.log(args.alpha_init) - args.alpha_log_range
         self.hi = math.log(args.alpha_init) + args.alpha_log_range
 
@@ -407,8 +431,9 @@ class OMCDA(nn.Module):
     def _step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for g in opt.param_groups for p in g["params"]]
-        nn.utils.clip_grad_norm_(params, self.args.grad_clip, foreach=True)
+        if self.args.grad_clip > 0:  # 0 = no clipping (clip_grad_norm_ with 0 would zero every gradient)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.args.grad_clip, foreach=True)
         opt.step()
 
     def _q(self, net: AgentNet, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -543,12 +568,16 @@ class OMCDA(nn.Module):
             logp = dist.detach()
             with torch.no_grad():
                 kl = categorical_kl(logp, dist_b, avail)
-                m_tilde, num, den = influence_discrete(logp, dist_b, q_all_t, w_t, avail, self.args.influence_eps)
+                m_tilde, num, den = influence_discrete(logp, dist_b, q_all_t, w_t, avail, self.args.influence_eps,
+                                                       self.var_floor)
             return kl, m_tilde, num, den
-        mu, log_std = dist[0].detach(), dist[1].detach()
-        kl = gaussian_kl(mu, log_std, *dist_b)
-        m_tilde, num, den = influence_gaussian(mu, log_std, dist_b[0], dist_b[1], lambda x: self.q_r_t(obs, x),
-                                               w_t, torch.randn_like(mu), self.args.influence_eps)
+        # guard: both pre-tanh Gaussians smoothed by N(0, kl_noise_std^2), for the KL and the influence alike
+        mu, mu_b = dist[0].detach(), dist_b[0]
+        log_std = smoothed_log_std(dist[1].detach(), self.args.kl_noise_std)
+        log_std_b = smoothed_log_std(dist_b[1], self.args.kl_noise_std)
+        kl = gaussian_kl(mu, log_std, mu_b, log_std_b)
+        m_tilde, num, den = influence_gaussian(mu, log_std, mu_b, log_std_b, lambda x: self.q_r_t(obs, x),
+                                               w_t, torch.randn_like(mu), self.args.influence_eps, self.var_floor)
         return kl, m_tilde.detach(), num.detach(), den.detach()
 
     def _allocate_and_alpha(self, kl: torch.Tensor, m_tilde: torch.Tensor) -> None:
@@ -585,7 +614,14 @@ def make_act_fn(policy: Policy, device: torch.device, deterministic: bool = True
         av = torch.as_tensor(np.asarray(avail), dtype=torch.bool, device=device)
         return policy.act(o, av, deterministic, gen).cpu().numpy()
 
+    @torch.no_grad()
+    def probs(obs, avail):  # the action probabilities [E, N, K] (discrete): the exact returns of the matrix games
+        o = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device)
+        return policy(o, torch.as_tensor(np.asarray(avail), dtype=torch.bool, device=device)).exp()
+
     act_fn.reseed = gen.manual_seed
+    if policy.discrete:
+        act_fn.probs = probs
     return act_fn
 
 

@@ -431,6 +431,19 @@ def matrix_random_dataset(task: str, seed: int = 0) -> OfflineDataset:
     return episodes_to_dataset(env, eps, "random", dict(policy="uniform random over A, B, each agent"))
 
 
+# OMCDA's games (docs/environments.md): both players uniform, independently.
+OMCDA_EPISODES = {"omcda_toy": 10_000, "omcda_relay": 2_000}
+
+
+def omcda_uniform_dataset(task: str, seed: int = 0) -> OfflineDataset:
+    """``omcda_toy`` (10 000 one-step episodes) or ``omcda_relay`` (2 000 episodes of 8 steps),
+    each agent uniform over A, B: the data of OMCDA's Sec. 3 toy game and of its multi-step variant."""
+    env = make_env("matrix", task)
+    eps = rollout(env, UniformPolicy(env, _rng(seed, f"{task}-uniform")), OMCDA_EPISODES[task], seed=seed,
+                  desc=f"matrix/{task}/uniform")
+    return episodes_to_dataset(env, eps, "uniform", dict(policy="uniform random over A, B, each agent"))
+
+
 # ================================================================ the recipes
 @dataclass(frozen=True)
 class Recipe:
@@ -457,6 +470,10 @@ for _task in ("penalty_xor", "xor"):
             + "{" + ", ".join("AB"[i] + "AB"[j] for i, j in _support) + "}")
     RECIPES[("matrix", _task, "random")] = Recipe(_partial(matrix_random_dataset, _task),
                                                   "100 x 50 steps, each agent uniform")
+for _task, _n in OMCDA_EPISODES.items():
+    RECIPES[("matrix", _task, "uniform")] = Recipe(
+        _partial(omcda_uniform_dataset, _task),
+        f"OMCDA {_task.split('_')[1]} game: {_n} episodes, each agent uniform over A, B")
 RECIPES[("bridge", "hard", "optimal")] = Recipe(_partial(bridge_optimal_dataset),
                                                 "AlberDICE optimal: 500 scripted optimal crossings (8 steps)")
 RECIPES[("bridge", "hard", "mix")] = Recipe(_partial(bridge_mix_dataset),

@@ -15,7 +15,7 @@ array ``[N]``; continuous ones a float array ``[N, act_dim]`` in [-1, 1], and
 ==========  =====================================================  ===========================
 env         tasks                                                  needs
 ==========  =====================================================  ===========================
-matrix      penalty_xor, xor                                       nothing
+matrix      penalty_xor, xor, omcda_toy, omcda_relay                  nothing
 bridge      hard, easy                                             nothing
 mamujoco    Hopper-3x1, Ant-2x4, HalfCheetah-6x1, HalfCheetah-2x3  mujoco, gymnasium-robotics
 rware       tiny-2ag, small-4ag, ...                               rware
@@ -83,22 +83,34 @@ PAYOFFS = {
     # rows: agent 0's action, columns: agent 1's (0 = A, 1 = B); docs/environments.md#matrix-games-matrix
     "penalty_xor": np.array([[0.0, 1.0], [1.0, -2.0]], dtype=np.float32),
     "xor": np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32),
+    # the two-player toy game of OMCDA's Sec. 3 (its Table 1 is missing; docs/environments.md derives
+    # this table from the paper's stated numbers): player 1 = agent 0
+    "omcda_toy": np.array([[1.3, -0.4], [-1.6, 0.7]], dtype=np.float32),
 }
+ONE_SHOT = ("omcda_toy",)  # one-step games: the single step ends the episode for real (terminated)
 
 
 class MatrixGame(MultiAgentEnv):
-    """A repeated, stateless two-player matrix game (Penalty-XOR and XOR).
+    """A stateless two-player matrix game: repeated (Penalty-XOR, XOR) or one-shot (OMCDA's toy).
 
     Both agents observe the constant vector ``[0, 1, 0, 1]`` (the state of the
     original 2-state MMDP, which never leaves state 1). Every step pays the payoff
-    of the joint action; the episode is cut after ``episode_limit`` steps
-    (``truncated``: a time limit, so value targets bootstrap). The shipped AlberDICE
-    config evaluates with 100 steps; its datasets were generated with 50."""
+    of the joint action. A repeated game is cut after ``episode_limit`` steps
+    (``truncated``: a time limit, so value targets bootstrap); the shipped AlberDICE
+    config evaluates with 100 steps, its datasets were generated with 50. A one-shot
+    game (``ONE_SHOT``) is one step that ends it for real (``terminated``)."""
 
     n_agents, obs_dim, state_dim, discrete, n_actions = 2, 4, 4, True, 2
 
-    def __init__(self, task: str = "penalty_xor", episode_limit: int = 100):
+    def __init__(self, task: str = "penalty_xor", episode_limit: int | None = None):
         self.payoff = PAYOFFS[task]
+        self.one_shot = task in ONE_SHOT
+        if episode_limit is None:
+            episode_limit = 1 if self.one_shot else 100
+        if isinstance(episode_limit, bool) or not isinstance(episode_limit, (int, np.integer)) or episode_limit < 1:
+            raise EnvError(f"matrix episode_limit must be a positive integer, got {episode_limit!r}")
+        if self.one_shot and episode_limit != 1:
+            raise EnvError(f"matrix/{task} is a one-step game; its episode_limit is 1, got {episode_limit}")
         self.episode_limit = int(episode_limit)
         self._obs = np.array([0, 1, 0, 1], dtype=np.float32)
         self._t = 0
@@ -114,7 +126,88 @@ class MatrixGame(MultiAgentEnv):
         a = np.asarray(actions, dtype=np.int64).reshape(2)
         r = float(self.payoff[a[0], a[1]])
         self._t += 1
-        return (*self._observe(), r, False, self._t >= self.episode_limit, {})
+        end = self._t >= self.episode_limit
+        return (*self._observe(), r, end and self.one_shot, end and not self.one_shot, {})
+
+    def exact_return(self, probs_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> float:
+        """The expected (undiscounted) episode return of stochastic policies, exactly:
+        ``probs_fn(obs [M, N, obs_dim], avail [M, N, K]) -> probs [M, N, K]``. The
+        state never changes, so it is ``episode_limit * p_0^T payoff p_1``."""
+        obs, _, avail = self._observe()
+        p = np.asarray(probs_fn(obs[None], avail[None]), dtype=np.float64)[0]
+        return float(self.episode_limit * (p[0] @ self.payoff.astype(np.float64) @ p[1]))
+
+
+class MatrixRelay(MultiAgentEnv):
+    """``omcda_relay``: a two-agent matrix MMDP with heterogeneous agents (docs/environments.md).
+
+    Agent 0 (the runner) moves a ball along positions 0..6: A advances it one
+    position (it stays at 6), B holds it. Agent 1 (the helper) plays A (stay back,
+    pays 0) or B (pass): +2 when the runner holds that step, -1.5 when it runs.
+    The episode lasts exactly 8 steps and then ends for real (``terminated``); the
+    last step pays +20 more if the ball is at 6 after it. Both agents (and the
+    state) see ``[one-hot(t) of 8, one-hot(position) of 7]``. The optimum, 24, is the
+    runner running six times while the helper stays back, then two passes. Under
+    uniform data the helper's pass looks good ((2 - 1.5) / 2 per step), but it costs
+    the team once the runner runs, while the runner's choices decide the +20."""
+
+    n_agents, discrete, n_actions = 2, True, 2
+    HORIZON, GOAL, PASS_HOLD, PASS_RUN, BONUS = 8, 6, 2.0, -1.5, 20.0
+    obs_dim = state_dim = HORIZON + GOAL + 1
+
+    def __init__(self, task: str = "omcda_relay", episode_limit: int = 8):
+        if episode_limit != self.HORIZON:
+            raise EnvError(f"matrix/omcda_relay lasts exactly {self.HORIZON} steps; episode_limit must be "
+                           f"{self.HORIZON}, got {episode_limit!r}")
+        self.episode_limit = self.HORIZON
+        self._t, self._k = 0, 0
+
+    def _observe(self):
+        s = np.zeros(self.state_dim, dtype=np.float32)
+        s[min(self._t, self.HORIZON - 1)] = 1.0
+        s[self.HORIZON + self._k] = 1.0
+        return np.stack([s, s]), s.copy(), np.ones((2, 2), dtype=bool)
+
+    def reset(self, seed: int | None = None):
+        self._t, self._k = 0, 0
+        return self._observe()
+
+    @classmethod
+    def transition(cls, k: int, t: int, a0: int, a1: int) -> tuple[int, float]:
+        """(next position, reward) of one step from position ``k`` at step ``t``."""
+        k2 = min(k + 1, cls.GOAL) if a0 == 0 else k
+        r = (cls.PASS_RUN if a0 == 0 else cls.PASS_HOLD) if a1 == 1 else 0.0
+        if t + 1 == cls.HORIZON and k2 == cls.GOAL:
+            r += cls.BONUS
+        return k2, r
+
+    def step(self, actions):
+        a = np.asarray(actions, dtype=np.int64).reshape(2)
+        self._k, r = self.transition(self._k, self._t, int(a[0]), int(a[1]))
+        self._t += 1
+        end = self._t >= self.HORIZON
+        return (*self._observe(), float(np.float32(r)), end, False, {})
+
+    def exact_return(self, probs_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> float:
+        """The expected episode return of stochastic policies, exactly, by dynamic programming over
+        the (step, position) states; ``probs_fn`` as in ``MatrixGame.exact_return``."""
+        H, G = self.HORIZON, self.GOAL
+        obs = np.zeros((H, G + 1, 2, self.obs_dim), np.float32)
+        for t in range(H):
+            for k in range(G + 1):
+                obs[t, k, :, t] = obs[t, k, :, H + k] = 1.0
+        p = np.asarray(probs_fn(obs.reshape(-1, 2, self.obs_dim), np.ones((H * (G + 1), 2, 2), bool)), np.float64)
+        p = p.reshape(H, G + 1, 2, 2)
+        v = np.zeros(G + 1)
+        for t in reversed(range(H)):
+            nv = np.zeros(G + 1)
+            for k in range(G + 1):
+                for a0 in range(2):
+                    for a1 in range(2):
+                        k2, r = self.transition(k, t, a0, a1)
+                        nv[k] += p[t, k, 0, a0] * p[t, k, 1, a1] * (r + v[k2])
+            v = nv
+        return float(v[0])
 
 
 # ===================================================================== bridge
@@ -781,14 +874,18 @@ def _make_smacv2(task: str, **options: Any) -> MultiAgentEnv:
 
 
 # ================================================================== registry
+MATRIX_MMDPS = {"omcda_relay": MatrixRelay}
+
+
 def _make_matrix(task: str, **options: Any) -> MultiAgentEnv:
-    _check_options("matrix", MatrixGame, options)
-    return MatrixGame(task, **options)
+    cls = MATRIX_MMDPS.get(task, MatrixGame)
+    _check_options("matrix", cls, options)
+    return cls(task, **options)
 
 
 FAMILIES: dict[str, tuple[Callable[..., MultiAgentEnv], tuple[str, ...] | None]] = {
     # env -> (factory(task, **options), known tasks or None when any task name is passed through)
-    "matrix": (_make_matrix, tuple(PAYOFFS)),
+    "matrix": (_make_matrix, (*PAYOFFS, *MATRIX_MMDPS)),
     "bridge": (_make_bridge, ("hard", "easy")),
     "mamujoco": (_make_mamujoco, MAMUJOCO_TASKS),
     "rware": (_make_rware, None),
@@ -822,31 +919,43 @@ def make_env_for(meta: dict[str, Any], episode_limit: int = 0, **options: Any) -
 
 
 # The evaluation protocol of the small games (AlberDICE's configs: Penalty-XOR 100 steps, Bridge 20),
-# whose datasets were recorded with 50-step episodes; every other family evaluates with the limit
-# its data was recorded with.
+# whose datasets were recorded with 50-step episodes; every other family, and the matrix games of fixed
+# length (the one-step toy, the 8-step relay), evaluates with the limit its data was recorded with.
 EVAL_EPISODE_LIMIT = {"matrix": 100, "bridge": 20}
+FIXED_LENGTH = {"matrix": (*ONE_SHOT, *MATRIX_MMDPS)}
 
 
 def eval_env_for(meta: dict[str, Any], episode_limit: int = 0) -> MultiAgentEnv:
     """The environment every algorithm file evaluates a policy trained on a dataset with ``meta``
     in (``--eval-episode-limit``): ``make_env_for(meta)`` with ``episode_limit`` steps when > 0, else
-    the family's evaluation protocol (``EVAL_EPISODE_LIMIT``: matrix 100, bridge 20), else the
-    dataset's own limit."""
-    return make_env_for(meta, episode_limit if episode_limit > 0 else EVAL_EPISODE_LIMIT.get(meta["env"], 0))
+    the family's evaluation protocol (``EVAL_EPISODE_LIMIT``: matrix 100, bridge 20, except the games
+    of fixed length), else the dataset's own limit."""
+    if episode_limit <= 0 and meta["task"] not in FIXED_LENGTH.get(meta["env"], ()):
+        episode_limit = EVAL_EPISODE_LIMIT.get(meta["env"], 0)
+    return make_env_for(meta, episode_limit)
 
 
 def matrix_policy_summary(env: MultiAgentEnv, act_fn: Callable[..., Any]) -> dict[str, Any]:
-    """For a two-player matrix game (stateless, constant observation) and a policy with
-    ``act_fn.probs(obs, avail) -> [E, N, K]``: the joint policy pi_1(a_1) pi_2(a_2) and its exact
-    expected team reward per step, sum_{a_1, a_2} pi_1(a_1) pi_2(a_2) R(a_1, a_2). Empty otherwise."""
+    """For the two-player matrix games and a policy with ``act_fn.probs(obs, avail) -> [E, N, K]``:
+    ``expected_return``, the exact expected episode return of the stochastic policies
+    (``env.exact_return``, no evaluation noise); for a stateless game also the joint policy
+    pi_1(a_1) pi_2(a_2) and its exact expected team reward per step,
+    ``expected_team_reward`` = sum_{a_1, a_2} pi_1(a_1) pi_2(a_2) R(a_1, a_2). Empty otherwise."""
     if env.spec.get("env") != "matrix" or not hasattr(act_fn, "probs") or env.n_agents != 2:
         return {}
-    obs, _, avail = env.reset(0)
-    p = act_fn.probs(obs[None], avail[None])[0]
-    p = p.detach().cpu().numpy() if hasattr(p, "detach") else np.asarray(p)
-    joint = np.outer(p[0], p[1]).astype(np.float64)
-    return {"joint_policy": joint.round(4).tolist(),
-            "expected_team_reward": float((joint * np.asarray(env.payoff, dtype=np.float64)).sum())}
+
+    def probs(obs, avail):
+        p = act_fn.probs(obs, avail)
+        return p.detach().cpu().numpy() if hasattr(p, "detach") else np.asarray(p)
+
+    out: dict[str, Any] = {"expected_return": env.exact_return(probs)}
+    if hasattr(env, "payoff"):
+        obs, _, avail = env.reset(0)
+        p = probs(obs[None], avail[None])[0]
+        joint = np.outer(p[0], p[1]).astype(np.float64)
+        out |= {"joint_policy": joint.round(4).tolist(),
+                "expected_team_reward": float((joint * np.asarray(env.payoff, dtype=np.float64)).sum())}
+    return out
 
 
 # ================================================================= evaluation

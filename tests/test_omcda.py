@@ -364,6 +364,119 @@ def test_tabular_fixed_point_is_the_kl_soft_bellman_solution(tau):
     assert results[True] > 1e-2
 
 
+# =========================================== two agents end to end through OMCDA.update (exact)
+# A factorised two-step game: agent i starts in s = 0; action 0 leads to s = 1 ("risky": its actions
+# pay +c_i or -c_i), action 1 to s = 2 ("safe": both pay 0); then the episode ends. Team reward
+# r_0 + r_1, c = (1, 0.25), uniform behaviour data with every joint action sequence equally often.
+# With a diagonal W^c the problem splits per agent and everything has a closed form: the Eq. 23
+# policy is the KL-soft-Bellman one, alpha_i solves KL_i = d_i, and the influence and d follow.
+FACT_C, FACT_GAMMA, FACT_TAU, FACT_DTOT = (1.0, 0.25), 0.9, 0.7, 0.4
+FACT_RHO = np.array([0.5, 0.25, 0.25])  # share of the data's transition rows in s = 0, 1, 2
+
+
+def factorised_exact(c: float, alpha: float, tau: float = FACT_TAU, gamma: float = FACT_GAMMA) -> dict:
+    """One agent's exact quantities at conservatism alpha: the Eq. 23 policy pi [3, 2] (= the
+    soft-Bellman policy of Eq. 6), the data-mean KL, and the influence's numerator and denominator."""
+    q_r = np.array([[gamma * c * (2 * tau - 1), 0.0], [c, -c], [0.0, 0.0]])  # tau-expectile of {c, -c}: c (2 tau - 1)
+    v_risky = alpha * np.log(np.cosh(c / alpha))  # soft value alpha log E_pi_b exp(Q / alpha)
+    q_soft = np.array([[gamma * v_risky, 0.0], [c, -c], [0.0, 0.0]])
+    h = q_soft / alpha - np.log(np.exp(q_soft / alpha).mean(1, keepdims=True))  # log pi - log pi_b
+    pi = 0.5 * np.exp(h)
+    hc, qc = h - (pi * h).sum(1, keepdims=True), q_r - (pi * q_r).sum(1, keepdims=True)
+    return dict(pi=pi, kl=FACT_RHO @ (pi * h).sum(1), num=FACT_RHO @ (pi * qc * hc).sum(1),
+                den=FACT_RHO @ (pi * hc * hc).sum(1))
+
+
+def factorised_fixed_point(args: omcda.Args, d_tot: float = FACT_DTOT) -> tuple[np.ndarray, np.ndarray]:
+    """The exact (d, alpha) of the whole loop: alpha_i with KL_i(alpha_i) = d_i (the alpha step's fixed
+    point) and d = allocate(influence(alpha)) (Eqs. 17-20, with the script's floor and guard)."""
+    from scipy.optimize import brentq
+
+    d = np.full(2, d_tot / 2)
+    floor = 2 * args.influence_floor * d_tot / 2
+    for _ in range(100):
+        alpha = np.array([math.exp(brentq(lambda la: factorised_exact(c, math.exp(la))["kl"] - di, -6, 8))
+                          for c, di in zip(FACT_C, d)])
+        if args.no_allocation:
+            break
+        sol = [factorised_exact(c, a) for c, a in zip(FACT_C, alpha)]
+        m_tilde = torch.tensor([s["num"] / max(s["den"], floor) for s in sol], dtype=torch.float64)
+        d = 0.5 * d + 0.5 * omcda.allocate(m_tilde, d_tot, args.alloc_floor, args.alloc_normalise)[1].numpy()
+    return d, alpha
+
+
+def factorised_dataset(reps: int = 32) -> OfflineDataset:
+    E = 16 * reps
+    obs = np.zeros((E, 3, 2, 3), np.float32)
+    acts = np.zeros((E, 2, 2), np.int64)
+    rew = np.zeros((E, 2), np.float32)
+    for e in range(E):
+        for i in range(2):
+            a0, a1 = (e >> (2 * i)) & 1, (e >> (2 * i + 1)) & 1
+            s = 1 if a0 == 0 else 2
+            obs[e, 0, i, 0] = obs[e, 1, i, s] = obs[e, 2, i, s] = 1.0
+            acts[e, :, i] = a0, a1
+            rew[e, 1] += (FACT_C[i] if a1 == 0 else -FACT_C[i]) if s == 1 else 0.0
+    return OfflineDataset.from_padded(obs=obs, state=obs.reshape(E, 3, 6), actions=acts, reward=rew,
+                                      lengths=np.full(E, 2), terminated=np.ones(E, bool),
+                                      meta=dict(env="matrix", task="factorised", discrete=True, n_actions=2))
+
+
+@pytest.fixture(scope="module")
+def factorised_run():
+    """OMCDA.update on the factorised game (diagonal W^c, allocation and the alpha step on): the last
+    500 updates' mean d, alpha and policies at s = 0, 1, 2."""
+    torch.manual_seed(0)
+    ds = factorised_dataset().to("cpu").seed(0)
+    args = omcda.Args(hidden=32, mix_hidden=16, gamma=FACT_GAMMA, expectile=FACT_TAU, tau=0.1, lr_return=2e-3,
+                      lr_constraint=2e-3, lr_policy=2e-3, lr_alpha=5e-3, alpha_init=1.0, bc_lr=3e-3,
+                      diag_constraint_mixer=True)
+    ag = omcda.OMCDA(args, 2, 3, 6, True, 2, 1, d_tot=FACT_DTOT)
+    for _ in range(500):
+        ag.bc_update(ds.sample(256))
+    obs, av = torch.eye(3)[:, None, :].expand(3, 2, 3), torch.ones(3, 2, 2, dtype=torch.bool)
+    d, alpha, pi = [], [], []
+    for i in range(3000):
+        m = ag.update(ds.sample(256))
+        if i >= 2500:
+            d.append(m["d"].clone()), alpha.append(m["alpha"].clone())
+            with torch.no_grad():
+                pi.append(ag.policy(obs, av).exp())
+    with torch.no_grad():
+        pi_b = ag.behaviour(obs, av).exp()
+    mean = lambda xs: torch.stack(xs).mean(0).double().numpy()  # noqa: E731
+    return dict(args=args, d=mean(d), alpha=mean(alpha), pi=mean(pi), pi_b=pi_b.double().numpy())
+
+
+def test_two_agent_update_policy_is_the_exact_soft_bellman_policy(factorised_run):
+    """The constraint branch: at its learned alpha_i, each agent's policy is the exact Eq. 23 / Eq. 6
+    policy. At s = 0 both actions have the same Q^r up to the expectile, and the preference for the
+    risky branch comes from Q^c (the soft value of s = 1 beyond V^r); without the (Q^c - V^c) term of
+    the policy weight agent 0 would play action 0 with probability ~0.69 instead of ~0.80."""
+    r = factorised_run
+    assert np.abs(r["pi_b"] - 0.5).max() < 0.02
+    for i, c in enumerate(FACT_C):
+        exact = factorised_exact(c, r["alpha"][i])["pi"]
+        assert np.abs(r["pi"][:, i] - exact).max() < 0.04, (i, r["pi"][:, i], exact)
+    # the test can tell: at the exact alpha, the return branch alone (the constraint term zeroed)
+    # gives a policy at s = 0 that is far from the exact one
+    alpha0 = factorised_fixed_point(r["args"])[1][0]
+    without = 1 / (1 + math.exp(-FACT_GAMMA * FACT_C[0] * (2 * FACT_TAU - 1) / alpha0))
+    assert factorised_exact(FACT_C[0], alpha0)["pi"][0, 0] - without > 0.08
+
+
+def test_two_agent_update_alpha_and_allocation_reach_the_exact_fixed_point(factorised_run):
+    """The alpha step and the allocation: the learned alpha_i and d_i match the exact fixed point of
+    KL_i(alpha_i) = d_i and d = allocate(influence) (d = (0.257, 0.143), alpha = (0.44, 0.18) here;
+    uniform d would be (0.2, 0.2), and alpha has to travel there from alpha_0 = 1)."""
+    r = factorised_run
+    d_exact, alpha_exact = factorised_fixed_point(r["args"])
+    assert d_exact[0] - d_exact[1] > 0.08  # the allocation matters here
+    assert np.allclose(r["alpha"], alpha_exact, rtol=0.1), (r["alpha"], alpha_exact)
+    assert np.abs(r["d"] - d_exact).max() < 0.015, (r["d"], d_exact)
+    assert r["d"].sum() == pytest.approx(FACT_DTOT, abs=1e-5)
+
+
 # ======================================================================== alpha, Eq. 55
 def test_alpha_step_direction_and_clamp():
     ag = _learner(no_allocation=True, lr_alpha=1e-3)  # d = (0.2, 0.2)
@@ -393,6 +506,110 @@ def test_alpha_reaches_kl_equal_d_on_a_bandit():
             kl = omcda.categorical_kl(logp, logp_b[None, None], avail)
             ag._allocate_and_alpha(kl, torch.zeros(1))
         assert kl.item() == pytest.approx(d, rel=1e-3)
+
+
+# ======================================================================= guards and switches
+def test_grad_clip_zero_means_no_clipping():
+    """--grad-clip 0 leaves the gradients alone (clip_grad_norm_(..., 0) would zero them and freeze
+    training); a positive value clips the norm to it."""
+    for clip, expected in ((0.0, 100.0), (1.0, 1.0)):
+        ag = _learner(grad_clip=clip)
+        before = [p.detach().clone() for p in ag.v_r.parameters()]
+        norm = torch.sqrt(sum((2 * p.detach()).pow(2).sum() for p in ag.v_r.parameters()))
+        loss = sum((p * p).sum() for p in ag.v_r.parameters()) * (100.0 / norm)  # its gradient has norm 100
+        ag._step(ag.opt_v_r, loss)
+        seen = torch.sqrt(sum((p.grad * p.grad).sum() for p in ag.v_r.parameters()))
+        assert seen.item() == pytest.approx(expected, rel=1e-4)
+        assert any(not torch.equal(a, b) for a, b in zip(before, ag.v_r.parameters()))
+
+
+def test_influence_guard_bounds_the_ratio_near_pi_b():
+    """Along a fixed deviation pi_t ~ pi_b exp(t delta), the plain influence grows like 1/t as pi_t
+    approaches pi_b; the guarded one (denominator at least var_floor) stays bounded, tends to 0 with
+    t, and equals the plain one once Var(h) exceeds the floor."""
+    g = torch.Generator().manual_seed(11)
+    B, N, K = 64, 2, 4
+    logp_b = torch.log_softmax(torch.randn(B, N, K, generator=g, dtype=torch.float64), -1)
+    delta = torch.randn(B, N, K, generator=g, dtype=torch.float64)
+    q = delta + 0.5 * torch.randn(B, N, K, generator=g, dtype=torch.float64)
+    w, avail = torch.ones(B, N, dtype=torch.float64), torch.ones(B, N, K, dtype=torch.bool)
+    ag = _learner()  # d_tot 0.4, N = 2: floor 2 * 0.1 * 0.4 / 2
+    assert ag.var_floor == pytest.approx(0.04)
+    plain, guarded = {}, {}
+    for t in (1.0, 1e-1, 1e-2, 1e-3):
+        logp = torch.log_softmax(logp_b + t * delta, -1)
+        plain[t], _, den = omcda.influence_discrete(logp, logp_b, q, w, avail, eps=0.0)
+        guarded[t], _, _ = omcda.influence_discrete(logp, logp_b, q, w, avail, eps=0.0, var_floor=ag.var_floor)
+        if (den >= ag.var_floor).all():
+            assert torch.allclose(plain[t], guarded[t])
+    assert (den < ag.var_floor).all()  # the smallest deviation is below the floor
+    assert torch.allclose(plain[1e-3] / plain[1e-2], torch.full((N,), 10.0, dtype=torch.float64), rtol=0.02)
+    assert (plain[1e-3].abs() > 100 * plain[1.0].abs()).all()
+    assert (guarded[1e-3].abs() < guarded[1e-2].abs()).all() and (guarded[1e-3].abs() < plain[1.0].abs()).all()
+    # end to end (OMCDA._influence_and_kl): a policy that equals pi_b but for a small deviation along Q
+    torch.manual_seed(0)
+    direction = torch.tensor([1.0, 0.0, -1.0])
+    for floor, bounded in ((0.0, False), (0.1, True)):
+        ag = _learner(influence_floor=floor)
+        ag.policy.load_state_dict(ag.behaviour.state_dict())
+        with torch.no_grad():
+            ag.policy.body.net[-1].bias.add_(3e-3 * direction)
+        obs, av = torch.randn(256, 2, 3), torch.ones(256, 2, 3, dtype=torch.bool)
+        _, dist = ag.policy.log_prob(obs, av, torch.zeros(256, 2, dtype=torch.long))
+        _, m_tilde, _, _ = ag._influence_and_kl(obs, av, dist, direction.expand(256, 2, 3), torch.ones(256, 2))
+        assert ((m_tilde.abs() < 1.0).all() if bounded else (m_tilde > 100).all()), m_tilde
+
+
+def test_smoothed_kl_is_a_finite_lower_bound():
+    """The continuous guard: the KL between the policies with N(0, s^2) noise added to the pre-tanh
+    actions is at most the exact KL, tends to it as s -> 0, and stays finite at the -5 log-std clamp."""
+    g = torch.Generator().manual_seed(12)
+    mu, mu_b = torch.randn(500, 3, generator=g, dtype=torch.float64), torch.randn(500, 3, generator=g, dtype=torch.float64)
+    ls, ls_b = -5 + 7 * torch.rand(500, 3, generator=g, dtype=torch.float64), -5 + 7 * torch.rand(500, 3, generator=g, dtype=torch.float64)
+    exact = omcda.gaussian_kl(mu, ls, mu_b, ls_b)
+    smooth = omcda.gaussian_kl(mu, omcda.smoothed_log_std(ls, 0.1), mu_b, omcda.smoothed_log_std(ls_b, 0.1))
+    assert (smooth <= exact + 1e-9).all() and (smooth >= 0).all()
+    tiny = omcda.gaussian_kl(mu, omcda.smoothed_log_std(ls, 1e-6), mu_b, omcda.smoothed_log_std(ls_b, 1e-6))
+    assert torch.allclose(tiny, exact, rtol=1e-5)
+    # pi_b at the clamp, pi a little wider and 0.05 off: the exact KL explodes, the smoothed one does not
+    one = torch.ones(1, 1, dtype=torch.float64)
+    exact = omcda.gaussian_kl(0.05 * one, -3 * one, 0 * one, -5 * one)
+    smooth = omcda.gaussian_kl(0.05 * one, omcda.smoothed_log_std(-3 * one, 0.1), 0 * one,
+                               omcda.smoothed_log_std(-5 * one, 0.1))
+    assert exact.item() > 50 and smooth.item() < 0.2
+
+
+def test_alpha_does_not_pin_at_its_clamp_when_bc_collapses_the_log_std():
+    """Deterministic continuous data: behaviour cloning drives pi_b's log-std to its -5 clamp. With the
+    exact KL, KL(pi || pi_b) stays far above any budget and alpha sits at its upper clamp (1000); with
+    the smoothed KL (the default guard) the KL falls below d and alpha comes off the clamp."""
+    rng = np.random.default_rng(0)
+    E, T = 64, 4
+    obs = rng.normal(size=(E, T + 1, 2, 3)).astype(np.float32)
+    acts = np.broadcast_to(np.array([0.3, -0.5], np.float32)[None, None, :, None], (E, T, 2, 1)).copy()
+    ds = OfflineDataset.from_padded(obs=obs, state=obs.reshape(E, T + 1, 6), actions=acts,
+                                    reward=rng.normal(size=(E, T)).astype(np.float32), lengths=np.full(E, T),
+                                    terminated=np.ones(E, bool),
+                                    meta=dict(env="x", task="det", discrete=False, act_dim=1)).to("cpu").seed(0)
+    out = {}
+    for noise in (0.0, 0.1):
+        torch.manual_seed(0)
+        args = omcda.Args(hidden=32, mix_hidden=16, lr_alpha=0.2, bc_lr=3e-3, lr_policy=1e-3, kl_noise_std=noise)
+        ag = omcda.OMCDA(args, 2, 3, 6, False, 1, 1, d_tot=0.4)
+        for _ in range(1500):
+            ag.bc_update(ds.sample(128))
+        with torch.no_grad():
+            _, log_std_b = ag.behaviour(ds.sample(512)["obs"], None)
+        assert log_std_b.min().item() < -4.5  # behaviour cloning ran into the -5 clamp
+        kls = []
+        for i in range(300):
+            m = ag.update(ds.sample(128))
+            kls.append(m["kl"])
+        out[noise] = (torch.stack(kls[-50:]).mean(0), ag.alpha.clone(), math.exp(ag.hi))
+    kl, alpha, hi = out[0.0]
+    assert (kl > 5 * 0.2).all() and torch.allclose(alpha, torch.full((2,), hi), rtol=1e-4)
+    kl, alpha, hi = out[0.1]
+    assert (kl < 0.2).all() and (alpha < 0.9 * hi).all()
 
 
 # ================================================================================ masks
@@ -479,7 +696,7 @@ def matrix_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags", [{}, {"no_allocation": True}, {"no_decomposition": True},
-                                   {"random_allocation": True}, {"diag_constraint_mixer": True}])
+                                   {"random_allocation": True}, {"diag_constraint_mixer": False}])
 def test_smoke_matrix_with_ablation_switches(tmp_path, matrix_data, flags):
     args = tiny_args(tmp_path, "run", matrix_data, env="matrix", task="penalty_xor", **flags)
     out = omcda.main(args)
