@@ -422,9 +422,12 @@ def _fmt(x: float, digits: int) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: int = 3) -> str:
+def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: int = 3,
+                    paper: dict[str, dict[str, str]] | None = None) -> str:
     """Markdown: a summary table (final mean ± standard error, one column per algorithm),
-    a detailed table, and probability-of-improvement tables per env."""
+    a detailed table, and probability-of-improvement tables per env. ``paper`` (a definition's
+    ``[paper]``: quality, or task/quality, -> algorithm name -> the published number as text) adds
+    a "paper" line under each of our lines it names."""
     lines = []
     algos = sorted({s.algo for s in stats})
     rows = sorted({(s.env, s.task, s.quality) for s in stats})
@@ -438,6 +441,9 @@ def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: i
             s = by.get((env, task, quality, a))
             cells.append("" if s is None else f"{_fmt(s.final_mean, digits)} ± {_fmt(s.final_se, digits)} (n={s.n})")
         lines.append(f"| {env} | {task} | {quality} | " + " | ".join(cells) + " |")
+        published = (paper or {}).get(f"{task}/{quality}", (paper or {}).get(quality))
+        if published:
+            lines.append(f"| {env} | {task} | {quality}, paper | " + " | ".join(published.get(a, "") for a in algos) + " |")
     lines += ["", "Details: final and best evaluation (mean ± std over seeds), standard error, "
               "IQM over seeds with a 95% percentile-bootstrap CI (rliable), final win rate.", "",
               "| env | task | quality | algo | n | final | SE | best | IQM [95% CI] | win rate |",
@@ -562,7 +568,7 @@ def plot(records: list[RunRecord], stats: list[GroupStats], out_dir: str | Path)
 
 
 def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int = 2000,
-                  header: str = "") -> tuple[str, list[GroupStats]]:
+                  header: str = "", paper: dict[str, dict[str, str]] | None = None) -> tuple[str, list[GroupStats]]:
     """Aggregate every run under ``root``: ``<root>/results.md``, ``<root>/metrics.json``
     (merged marl-eval), plots in ``plots`` (default ``<root>/plots``); ``table`` also
     receives the Markdown."""
@@ -571,7 +577,7 @@ def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int 
     if not records:
         raise BenchmarkError(f"no finished evaluations under {root}")
     stats = aggregate(records, reps=reps)
-    md = (header + "\n\n" if header else "") + markdown_tables(stats, records)
+    md = (header + "\n\n" if header else "") + markdown_tables(stats, records, paper=paper)
     left_out = len(load_runs(root, include_unfinished=True)) - len(records)
     if left_out:
         md += f"\n{left_out} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
@@ -644,13 +650,13 @@ def load_definition(path: str | Path) -> dict[str, Any]:
 
 
 _DEFINITION_TYPES = {"name": str, "header": str, "grids": list, "env": str, "tasks": list, "qualities": list, "seeds": list, "extra": str,
-                     "table": str, "plots": str, "algos": dict, "workers": int, "threads": int}
+                     "table": str, "plots": str, "algos": dict, "workers": int, "threads": int, "paper": dict}
 
 
 def _check_definition(d: dict[str, Any], path: Path) -> None:
     """One sentence for the first wrongly typed entry of a benchmark definition (a string where a
     list belongs would otherwise expand letter by letter)."""
-    names = {str: "a string", list: "a list", dict: "a table ([algos] with one line per file)", int: "an integer"}
+    names = {str: "a string", list: "a list", dict: "a table ([algos]: one line per file; [paper]: one line per quality)", int: "an integer"}
     for key, typ in _DEFINITION_TYPES.items():
         if key in d and (not isinstance(d[key], typ) or isinstance(d[key], bool)):
             raise BenchmarkError(f"{path}: {key} must be {names[typ]}, got {d[key]!r}")
@@ -671,6 +677,10 @@ def _check_definition(d: dict[str, Any], path: Path) -> None:
                     raise BenchmarkError(f"{path}: {key} must be a list of strings, got {where[key]!r}")
         if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in where.get("seeds", [])):
             raise BenchmarkError(f"{path}: seeds must be a list of non-negative integers, got {where['seeds']!r}")
+    for cell, published in d.get("paper", {}).items():
+        if not isinstance(published, dict) or any(not isinstance(v, str) for v in published.values()):
+            raise BenchmarkError(f"{path}: [paper] maps a quality (or task/quality) to {{algorithm = \"number\"}}, "
+                                 f"got {cell} = {published!r}")
     for file, flags in d.get("algos", {}).items():
         if not isinstance(flags, (str, list)) or (isinstance(flags, list) and any(not isinstance(x, str) for x in flags)):
             raise BenchmarkError(f"{path}: the flags of {file} must be a string (or a list of strings), got {flags!r}")
@@ -717,7 +727,8 @@ def main_run(a: RunArgs) -> int:
     print(report(results))
     table = a.table or d.get("table", "")
     try:
-        md, _ = write_outputs(root, table, a.plots or d.get("plots", ""), header=d.get("header", ""))
+        md, _ = write_outputs(root, table, a.plots or d.get("plots", ""), header=d.get("header", ""),
+                              paper=d.get("paper"))
         print(md)
         if table:
             print(f"tables written to {table}")

@@ -225,6 +225,20 @@ def test_outputs_tables_json_and_plots(tmp_path):
     assert pngs == ["bridge__hard__mix.png", "bridge__hard__optimal.png", "bridge__iqm.png"]
 
 
+def test_paper_numbers_sit_under_ours(tmp_path):
+    """A definition's [paper] puts the published numbers on a line of their own under ours, in the
+    same columns, for the qualities (or task/quality) it names and no others."""
+    for seed in range(2):
+        _write_run(tmp_path / "r", "a", seed, [1.0 + seed], curve=[1.0 + seed])
+        _write_run(tmp_path / "r", "b", seed, [2.0 + seed], curve=[2.0 + seed])
+        _write_run(tmp_path / "r" / "optimal", "b", seed, [3.0], curve=[3.0], quality="optimal")
+    md, _ = bm.write_outputs(tmp_path / "r", reps=50, paper={"hard/mix": {"b": "-1.29 ± 0.00"}})
+    lines = md.splitlines()
+    ours = lines.index(next(x for x in lines if x.startswith("| bridge | hard | mix |")))
+    assert lines[ours + 1] == "| bridge | hard | mix, paper |  | -1.29 ± 0.00 |"
+    assert not any("optimal, paper" in x for x in lines)
+
+
 def test_definition_file_and_cli_dry_run(tmp_path, algos, capsys):
     d = tmp_path / "def.toml"
     d.write_text(textwrap.dedent(f'''

@@ -168,6 +168,7 @@ def test_huge_rewards_or_learning_rates_stop_as_a_divergence(file, bridge, tmp_p
     ('env = "bridge"\nseeds = [0, -1]\n', "non-negative integers"),
     ('env = "bridge"\nalgos = ["comadice.py"]\n', "algos must be a table"),
     ('env = "bridge"\ntaks = ["hard"]\n', "unknown entries"),
+    ('env = "bridge"\n[paper]\nmix = {bc = -5.88}\n', "maps a quality"),
 ])
 def test_benchmark_definition_types_are_checked(text, needle, tmp_path):
     path = tmp_path / "def.toml"
