@@ -140,12 +140,15 @@ def write_table(rows: list[dict], a) -> None:
              f"({platform.processor() or 'cpu'}), torch {torch.__version__}. Updates per second of each file's "
              "training loop (sampling included, evaluation off), defaults otherwise; \"busy\": beside one other "
              "CPU-bound process (`python -c 'while True: pass'`). \"<\": the cell was stopped at its time limit "
-             "and the rate is an upper bound. Last column: the default's speed beside the busy process as a share "
-             "of the best idle speed of the same file.", ""]
+             "and the rate is an upper bound. Last three columns: the default's speed on the idle machine as a "
+             "share of the best idle setting's; the default's speed beside the busy process as a share of the best "
+             "idle speed of the same file; and as a share of one thread's speed beside the busy process, the most "
+             "that the one core left free can give.", ""]
     names = list(SETTINGS)
     head = "| shape | file | " + " | ".join(f"idle: {n}" for n in names) + " | " + \
-        " | ".join(f"busy: {n}" for n in names) + " | default busy / best idle |"
-    lines += [head, "|" + "---|" * (3 + 2 * len(names))]
+        " | ".join(f"busy: {n}" for n in names) + " | default idle / best idle | default busy / best idle | " \
+        "default busy / 1 thread busy |"
+    lines += [head, "|" + "---|" * (5 + 2 * len(names))]
     for r in rows:
         cells = []
         for load in ("idle", "busy"):
@@ -153,8 +156,12 @@ def write_table(rows: list[dict], a) -> None:
                 rate, cut = r[(load, n)]
                 cells.append(f"{'<' if cut else ''}{rate:.1f}")
         best_idle = max(r[("idle", n)][0] for n in names)
-        share = r[("busy", "--threads 0 (default)")][0] / best_idle
-        lines.append(f"| {r['shape']} | {r['file']} | " + " | ".join(cells) + f" | {share:.0%} |")
+        default = "--threads 0 (default)"
+        idle_share = r[("idle", default)][0] / best_idle
+        share = r[("busy", default)][0] / best_idle
+        free_core = r[("busy", default)][0] / max(r[("busy", "1 thread")][0], 1e-9)
+        lines.append(f"| {r['shape']} | {r['file']} | " + " | ".join(cells) +
+                     f" | {idle_share:.0%} | {share:.0%} | {free_core:.0%} |")
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out}")
 

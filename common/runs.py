@@ -153,15 +153,18 @@ class ThreadTuner:
     """``--threads 0`` on a CPU: use the thread count that is fastest now, measured in the loop.
 
     OpenMP threads spin while they wait for each other; when another process holds a core,
-    every parallel region waits for a descheduled thread and a run slows ~50x (docs/architecture.md,
+    every parallel region waits for a descheduled thread and a run slows 2-5x, or ~50x under heavier
+    contention (docs/architecture.md,
     "Threads"). Passive waiting avoids that but costs a third of the speed of small networks on an
     idle machine. So the loop itself measures: it times ``probe_s`` of updates at each candidate
     count, keeps the fastest for ``period_s``, then re-checks. A candidate that lost by more than 2x
     is re-checked half as often each time (up to every ``max_period_s``), which bounds the cost of
-    probing a count that is slow under contention."""
+    probing a count that is slow under contention. The first ``warmup_s`` of updates are not timed:
+    a run's first updates are slow (allocations, first calls), and counting them against the first
+    candidate would make the tuner keep the wrong count for a whole period."""
 
     def __init__(self, candidates: list[int], period_s: float = 30.0, probe_s: float = 0.5,
-                 max_period_s: float = 600.0):
+                 max_period_s: float = 600.0, warmup_s: float = 0.5):
         self.candidates = sorted(set(candidates))
         self.period_s, self.probe_s, self.max_period_s = period_s, probe_s, max_period_s
         self.backoff = {c: period_s for c in self.candidates}
@@ -170,7 +173,8 @@ class ThreadTuner:
         self.queue = list(reversed(self.candidates))  # the largest count first
         self.current = self.queue.pop(0)
         self.history: list[dict[str, Any]] = []
-        self._begin(self.current, probe_s)
+        self.warming = warmup_s > 0
+        self._begin(self.current, warmup_s if self.warming else probe_s)
 
     def _begin(self, n: int, window: float) -> None:
         if torch.get_num_threads() != n:
@@ -186,6 +190,10 @@ class ThreadTuner:
         self.n += 1
         now = time.perf_counter()
         if now - self.t0 < self.window:
+            return
+        if self.warming:  # the warm-up window is not a measurement
+            self.warming = False
+            self._begin(self.current, self.probe_s)
             return
         self.rates[self.current] = self.n / (now - self.t0)
         if self.queue:

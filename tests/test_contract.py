@@ -432,3 +432,47 @@ def test_compiled_update_matches_eager(file, bridge_data, tmp_path, monkeypatch)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the networks were compiled
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+# ------------------------------------------------------------------ --threads 0
+class _FakeClock:
+    """A clock that advances by one update's duration at the tuner's current thread count."""
+
+    def __init__(self, monkeypatch, seconds_per_update):
+        from common import runs
+
+        self.t, self.threads, self.cost = 0.0, 1, seconds_per_update
+        monkeypatch.setattr(runs.time, "perf_counter", lambda: self.t)
+        monkeypatch.setattr(runs.torch, "get_num_threads", lambda: self.threads)
+        monkeypatch.setattr(runs.torch, "set_num_threads", lambda n: setattr(self, "threads", n))
+
+    def run(self, tuner, updates):
+        used = []
+        for i in range(updates):
+            self.t += self.cost(self.threads, i)
+            tuner.tick()
+            used.append(self.threads)
+        return used
+
+
+def test_thread_tuner_keeps_the_fastest_count_and_backs_off_from_a_slow_one(monkeypatch):
+    """``--threads 0``'s ThreadTuner: idle (2 threads 1.5x faster) it settles on 2 at once even though
+    the run's first two updates take 0.4 s each (the warm-up window is not timed); beside a busy process
+    (2 threads 4x slower) it settles on 1, re-checks 2 half as often each time, and spends under 5%
+    of the updates at the slow count once past the first probes."""
+    from common.runs import ThreadTuner
+
+    idle = _FakeClock(monkeypatch, lambda n, i: 0.4 if i < 2 else 1 / (100 if n == 1 else 150))
+    tuner = ThreadTuner([1, 2])
+    used = idle.run(tuner, 20_000)
+    assert tuner.history[0]["threads"] == 2 and used[-1] == 2
+    assert sum(u == 2 for u in used[:5_000]) > 0.95 * 5_000  # from the first period on
+
+    busy = _FakeClock(monkeypatch, lambda n, i: 1 / (100 if n == 1 else 25))
+    tuner = ThreadTuner([1, 2])
+    used = busy.run(tuner, 200_000)  # about 2,000 s
+    assert all(h["threads"] == 1 for h in tuner.history) and used[-1] == 1
+    assert tuner.backoff[2] > tuner.period_s  # re-checked less and less often
+    late = used[1_000:]
+    slow_time = sum(1 / 25 for u in late if u == 2)
+    assert slow_time < 0.05 * sum(1 / 25 if u == 2 else 1 / 100 for u in late)
