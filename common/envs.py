@@ -715,6 +715,11 @@ class Foraging(MultiAgentEnv):
         return np.stack(raw).astype(np.float32), self.global_state(), avail
 
     def reset(self, seed: int | None = None):
+        # lbforaging places each player on a cell no other player holds, and counts the positions
+        # left over from the previous episode: clear them, so that a reset depends on its seed only
+        # (as a fresh environment's first reset), not on how the previous episode ended
+        for p in self.game.players:
+            p.position = None
         raw, _ = self.game.reset(seed=seed)
         self._over = False
         return self._observe(raw)

@@ -157,3 +157,22 @@ def test_deterministic_under_seed():
 
     np.testing.assert_array_equal(run(3), run(3))
     assert not np.array_equal(run(3), run(4))
+
+
+def test_a_reset_depends_on_its_seed_only():
+    """lbforaging keeps the players' positions of the previous episode while it places the new
+    ones; the wrapper clears them, so an episode replayed from its seed in any environment (a
+    worker process, a fresh one) is the same episode."""
+    used, fresh = make_env("lbf", "8x8-2p-2f-coop"), make_env("lbf", "8x8-2p-2f-coop")
+    rng = np.random.default_rng(0)
+    for seed in range(40):
+        used.reset(seed=1000 + seed)
+        for _ in range(int(rng.integers(1, 30))):  # end somewhere else
+            *_, t, u, _ = used.step(rng.integers(0, 6, 2))
+            if t or u:
+                break
+        o1, s1, a1 = used.reset(seed=seed)
+        o2, s2, a2 = make_env("lbf", "8x8-2p-2f-coop").reset(seed=seed) if seed % 2 else fresh.reset(seed=seed)
+        np.testing.assert_array_equal(o1, o2)
+        np.testing.assert_array_equal(s1, s2)
+        np.testing.assert_array_equal(a1, a2)
