@@ -882,8 +882,10 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Extract a zip archive into ``dest`` (atomically: into a temporary folder first)
     and return ``dest``. Members that would land outside ``dest`` are refused."""
     archive, dest = Path(archive), Path(dest)
+    if dest.exists():
+        raise DatasetError(f"{dest} already exists; unpacking {archive.name} never replaces a folder")
     tmp = dest.with_name(dest.name + ".unpacking")
-    if tmp.exists():
+    if tmp.exists():  # a killed earlier unpack of this archive into this cache folder (callers hold its lock)
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     with _reading(archive, "a zip archive"), zipfile.ZipFile(archive) as z:
@@ -892,8 +894,6 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
             if not str(target).startswith(str(tmp.resolve())):
                 raise DatasetError(f"{archive} has a member outside its folder ({name}); refusing to unpack it")
         z.extractall(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
     os.replace(tmp, dest)
     return dest
 

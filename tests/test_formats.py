@@ -277,6 +277,12 @@ def test_zip_archive_is_unpacked(tmp_path):
     archive = shutil.make_archive(str(tmp_path / "2s3z"), "zip", tmp_path / "src")
     assert formats.detect(archive) == "zip"
     assert load(archive).meta["quality"] == "medium"
+    # unpacking never replaces a folder that is already there (the caller's own or anyone's)
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "thesis.tex").write_text("x")
+    with pytest.raises(DatasetError, match="never replaces"):
+        formats.unpack(archive, tmp_path / "dest")
+    assert (tmp_path / "dest" / "thesis.tex").read_text() == "x"
 
 
 # --------------------------------------------------------------------------------- bad input

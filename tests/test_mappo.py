@@ -3,8 +3,6 @@ computations, masked sampling, learning a small Level-Based Foraging task, resum
 the whole command on the StarCraft stand-in ending where the catalog looks."""
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 
 from common import catalog, collect, mappo
 from common.data import OfflineDataset
+from test_envs_smac import fake  # noqa: F401  (the StarCraft stand-in fixture)
 
 
 def test_gae_extremes_against_direct_sums():
@@ -114,20 +113,10 @@ def test_resumes_after_an_interruption(tmp_path, monkeypatch):
         mappo.learn(lbf_config(tmp_path, task="5x5-2p-1f", total_steps=9999, record=6))
 
 
-def test_learn_command_on_the_starcraft_stand_in(tmp_path, monkeypatch):
+def test_learn_command_on_the_starcraft_stand_in(tmp_path, monkeypatch, fake):
     """`python -m common.collect learn` for the user's SMACv2 example, on the stand-in
-    game: the dataset lands where `comadice.py --env smacv2 --task protoss_5_vs_5` looks."""
-    from test_envs_smac import FakeCapabilityWrapper, FakeStarCraft2EnvV2, game_dir
-
-    for package, members in [("smacv2", {"StarCraft2Env": FakeStarCraft2EnvV2,
-                                         "StarCraftCapabilityEnvWrapper": FakeCapabilityWrapper})]:
-        top, sub = types.ModuleType(package), types.ModuleType(f"{package}.env")
-        for k, v in members.items():
-            setattr(sub, k, v)
-        top.env = sub
-        monkeypatch.setitem(sys.modules, package, top)
-        monkeypatch.setitem(sys.modules, f"{package}.env", sub)
-    monkeypatch.setenv("SC2PATH", str(game_dir(tmp_path)))
+    game (test_envs_smac's ``fake`` fixture): the dataset lands where
+    `comadice.py --env smacv2 --task protoss_5_vs_5` looks."""
     monkeypatch.setenv("OFFLINE_MARL_DATA", str(tmp_path / "data"))
     with pytest.raises(Exception, match="common.collect learn --env smacv2 --task protoss_5_vs_5 --quality mix"):
         catalog.resolve("smacv2", "protoss_5_vs_5", "mix")
