@@ -5,6 +5,7 @@ default is the threads page of docs/results).
 
     python benchmarks/threads.py                       # every file, both shapes (about 45 minutes on 2 cores)
     python benchmarks/threads.py --files comadice.py baselines/bc.py --shapes bridge --seconds 8
+    python benchmarks/threads.py --shapes bridge --settings 1 2a 0 --seconds 30   # the default, longer cells
 
 Each cell runs the file's own training loop (sampling included, evaluation off) on a dataset of the
 shape's dimensions, in a fresh process, for about ``--seconds`` seconds of updates, and reads the
@@ -38,12 +39,14 @@ DISCRETE_ONLY = {"alberdice.py"}
 # short pre-training phases: they are not what is measured
 PRE = {"alberdice.py": ["--pretrain-steps", "20"], "omcda.py": ["--bc-steps", "20"],
        "baselines/cfcql.py": ["--behaviour-steps", "20"]}
-SETTINGS = {  # name -> (--threads, extra environment)
+SETTINGS = {  # name -> (--threads, extra environment); --settings picks them by key (1, 2a, 2p, 0)
     "1 thread": (1, {}),
     "2 threads, active wait": (2, {}),
     "2 threads, passive wait": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "--threads 0 (default)": (0, {}),
 }
+
+KEYS = dict(zip(["1", "2a", "2p", "0"], SETTINGS))
 
 
 def make_data(shape: str, out: Path) -> Path:
@@ -103,8 +106,14 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=["bridge", "halfcheetah"], choices=["bridge", "halfcheetah"])
     p.add_argument("--seconds", type=float, default=10.0, help="updates per cell: about this many seconds' worth")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--settings", nargs="+", default=list(KEYS), choices=list(KEYS),
+                   help="1: one thread, 2a/2p: two threads with active/passive waiting, 0: --threads 0. The table's "
+                        "shares need 1 and 0; 'best idle' is the best of the settings run")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "threads.md"), help="the table's path")
     a = p.parse_args()
+    a.names = [KEYS[k] for k in KEYS if k in a.settings]
+    if not {"1", "0"} <= set(a.settings):
+        p.error("--settings must include 1 and 0 (the table compares the default with one thread)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = {s: make_data(s, Path(tmp)) for s in a.shapes}
@@ -117,7 +126,8 @@ def main() -> None:
                 for load in ("idle", "busy"):
                     other = busy_process() if load == "busy" else None
                     try:
-                        for name, (threads, extra) in SETTINGS.items():
+                        for name in a.names:
+                            threads, extra = SETTINGS[name]
                             rate, cut = run_cell(file, data[shape], threads, extra, a.seconds, a.timeout, hint)
                             row[(load, name)] = (rate, cut)
                             print(f"{shape:11s} {file:22s} {load:4s} {name:26s} {'<' if cut else ' '}{rate:8.1f} upd/s",
@@ -144,7 +154,7 @@ def write_table(rows: list[dict], a) -> None:
              "share of the best idle setting's; the default's speed beside the busy process as a share of the best "
              "idle speed of the same file; and as a share of one thread's speed beside the busy process, the most "
              "that the one core left free can give.", ""]
-    names = list(SETTINGS)
+    names = a.names
     head = "| shape | file | " + " | ".join(f"idle: {n}" for n in names) + " | " + \
         " | ".join(f"busy: {n}" for n in names) + " | default idle / best idle | default busy / best idle | " \
         "default busy / 1 thread busy |"

@@ -154,24 +154,33 @@ class ThreadTuner:
 
     OpenMP threads spin while they wait for each other; when another process holds a core,
     every parallel region waits for a descheduled thread and a run slows 2-5x, or ~50x under heavier
-    contention (docs/architecture.md,
-    "Threads"). Passive waiting avoids that but costs a third of the speed of small networks on an
-    idle machine. So the loop itself measures: it times ``probe_s`` of updates at each candidate
-    count, keeps the fastest for ``period_s``, then re-checks. A candidate that lost by more than 2x
-    is re-checked half as often each time (up to every ``max_period_s``), which bounds the cost of
-    probing a count that is slow under contention. The first ``warmup_s`` of updates are not timed:
-    a run's first updates are slow (allocations, first calls), and counting them against the first
-    candidate would make the tuner keep the wrong count for a whole period."""
+    contention (docs/architecture.md, "Threads"). Passive waiting avoids that but costs a third of
+    the speed of small networks on an idle machine. So the loop itself measures: it times windows
+    of ``probe_s`` of updates at each candidate count, keeps the fastest for ``period_s``, then
+    re-checks.
+
+    - The first choice is made on ``rounds`` interleaved windows per candidate (2, 1, 2, 1, ...),
+      pooled (updates / seconds): one half-second window is at the mercy of a stall or of another
+      process's burst, and interleaving cancels a drift in speed.
+    - The first ``warmup_s`` of updates are not timed (a run's first updates are slow: allocations,
+      first calls).
+    - After the first choice, the count in use is timed over its whole period and a challenger
+      over one window; the challenger takes over only when it is faster by ``margin`` (a short
+      window's noise does not flip a good choice for a whole period).
+    - A candidate that lost by more than 2x is re-checked half as often each time (up to every
+      ``max_period_s``), which bounds the cost of probing a count that is slow under contention."""
 
     def __init__(self, candidates: list[int], period_s: float = 30.0, probe_s: float = 0.5,
-                 max_period_s: float = 600.0, warmup_s: float = 0.5):
+                 max_period_s: float = 600.0, warmup_s: float = 0.5, rounds: int = 4, margin: float = 0.05):
         self.candidates = sorted(set(candidates))
         self.period_s, self.probe_s, self.max_period_s = period_s, probe_s, max_period_s
+        self.margin = margin
         self.backoff = {c: period_s for c in self.candidates}
         self.next_probe = {c: 0.0 for c in self.candidates}
-        self.rates: dict[int, float] = {}
-        self.queue = list(reversed(self.candidates))  # the largest count first
+        self.timed: dict[int, list[float]] = {}  # count -> [updates, seconds] of this decision's windows
+        self.queue = list(reversed(self.candidates)) * max(1, rounds)  # the largest count first
         self.current = self.queue.pop(0)
+        self.incumbent: int | None = None  # the count kept since the last decision
         self.history: list[dict[str, Any]] = []
         self.warming = warmup_s > 0
         self._begin(self.current, warmup_s if self.warming else probe_s)
@@ -195,20 +204,25 @@ class ThreadTuner:
             self.warming = False
             self._begin(self.current, self.probe_s)
             return
-        self.rates[self.current] = self.n / (now - self.t0)
+        acc = self.timed.setdefault(self.current, [0.0, 0.0])
+        acc[0] += self.n
+        acc[1] += now - self.t0
         if self.queue:
             self._begin(self.queue.pop(0), self.probe_s)
             return
-        best = max(self.rates, key=self.rates.get)
-        for c, r in self.rates.items():
+        rates = {c: n / t for c, (n, t) in self.timed.items()}
+        best = max(rates, key=rates.get)
+        if self.incumbent in rates and rates[best] <= rates[self.incumbent] * (1 + self.margin):
+            best = self.incumbent
+        for c, r in rates.items():
             if c != best:
-                slow = r * 2 < self.rates[best]
+                slow = r * 2 < rates[best]
                 self.backoff[c] = min(self.backoff[c] * 2, self.max_period_s) if slow else self.period_s
                 self.next_probe[c] = now + self.backoff[c]
-        if len(self.rates) > 1:
-            self.history = (self.history + [{"rates": {c: round(r, 2) for c, r in self.rates.items()},
+        if len(rates) > 1:
+            self.history = (self.history + [{"rates": {c: round(r, 2) for c, r in rates.items()},
                                              "threads": best}])[-20:]
-        self.rates = {}
+        self.timed, self.incumbent = {}, best
         # keep the best for a period; at its end its fresh rate is compared with the probes then due
         self.queue = [c for c in self.candidates if c != best and self.next_probe[c] <= now + self.period_s]
         self._begin(best, self.period_s)
