@@ -735,7 +735,7 @@ def main(args: Args) -> dict:
     if not run.progress.get("pretrained"):
         pretrain_data_policies(model, dataset, args, run)
         run.progress["pretrained"] = True
-        run.checkpoint()
+        run.pretraining_done()  # its time is not update time
     logp_data_others = dataset_log_probs(model, dataset, "ar")  # pi_{-i}^D is fixed after pretraining
     f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     pool = None  # the rows whose ratios rho_i an iteration's turns share (train_iteration)

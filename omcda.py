@@ -683,7 +683,7 @@ def main(args: Args) -> dict[str, Any]:
             if (i + 1) % args.log_every == 0 or i + 1 == args.bc_steps:
                 run.log(i + 1, {"losses/bc": loss.item()})
         run.progress["bc_done"] = True
-        run.checkpoint()
+        run.pretraining_done()  # its time is not update time
     for p in agent.behaviour.parameters():
         p.requires_grad_(False)
     step = run.compile(agent.update)  # torch.compile with --compile

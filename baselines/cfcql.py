@@ -473,7 +473,7 @@ def main(args: Args) -> dict[str, Any]:
     if temp != 0 and not run.progress.get("behaviour_done"):  # beta_i by behaviour cloning (or cached), then frozen
         print(f"{ALGO}: behaviour model {fit_behaviour(nets['behaviour'], data, args, lr, discrete)}", file=sys.stderr)
         run.progress["behaviour_done"] = True
-        run.checkpoint()
+        run.pretraining_done()  # its time is not update time
     nets["behaviour"].requires_grad_(False)
     q, mixer, q_t, mixer_t = nets["q"], nets["mixer"], nets["q_target"], nets["mixer_target"]
 

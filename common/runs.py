@@ -658,6 +658,15 @@ class Run:
         if self.tuner is not None:
             self.tuner.pause()
 
+    def pretraining_done(self) -> None:
+        """After a pre-training phase that precedes the updates (data or behaviour policies): checkpoint
+        it, and restart the clock of the updates, so that ``train_seconds``, updates/s and the thread
+        tuner's windows count updates only."""
+        self.checkpoint()
+        self._clock, self._log_time = time.perf_counter(), self._train_time
+        if self.tuner is not None:
+            self.tuner.pause()
+
     # ----------------------------------------------------------------- loop
     @property
     def training(self) -> bool:

@@ -521,3 +521,30 @@ class _Fixed:
 
     def tick(self):
         pass
+
+
+PRETRAINING = {"alberdice.py": "pretrain_data_policies", "omcda.py": "OMCDA.bc_update",
+               "baselines/cfcql.py": "fit_behaviour"}
+
+
+@pytest.mark.parametrize("file", sorted(PRETRAINING))
+def test_pretraining_time_is_not_update_time(file, bridge_data, tmp_path, monkeypatch):
+    """The three files with a pre-training phase (data policies, behaviour cloning) made 2 s slower
+    there: done.json's train_seconds and updates/s count the 3 updates only (Run.pretraining_done)."""
+    import time
+
+    mod = load(file)
+    owner_name, _, attr = PRETRAINING[file].rpartition(".")
+    owner = getattr(mod, owner_name) if owner_name else mod
+    original = getattr(owner, attr)
+
+    def slow(*a, **kw):
+        time.sleep(2.0 / (2 if file == "omcda.py" else 1))  # omcda: two BC steps below
+        return original(*a, **kw)
+
+    monkeypatch.setattr(owner, attr, slow)
+    kw = {"bc_steps": 2} if file == "omcda.py" else {}
+    t0 = time.perf_counter()
+    done = mod.main(make_args(mod, bridge_data, tmp_path / "run", total_steps=3, eval_every=3, eval_episodes=0, **kw))
+    assert time.perf_counter() - t0 > 2.0  # the slow phase ran
+    assert done["steps"] == 3 and done["train_seconds"] < 1.0, done
