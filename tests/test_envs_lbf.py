@@ -11,6 +11,7 @@ pytest.importorskip("lbforaging")
 
 from common.envs import EnvError, make_env  # noqa: E402
 from common.scripted import LBFExpert  # noqa: E402
+from _env_checks import assert_reset_depends_on_seed_only  # noqa: E402
 
 
 @pytest.mark.parametrize("task,n,f", [("8x8-2p-2f-coop", 2, 2), ("10x10-3p-3f", 3, 3), ("15x15-4p-3f", 4, 3),
@@ -163,16 +164,4 @@ def test_a_reset_depends_on_its_seed_only():
     """lbforaging keeps the players' positions of the previous episode while it places the new
     ones; the wrapper clears them, so an episode replayed from its seed in any environment (a
     worker process, a fresh one) is the same episode."""
-    used, fresh = make_env("lbf", "8x8-2p-2f-coop"), make_env("lbf", "8x8-2p-2f-coop")
-    rng = np.random.default_rng(0)
-    for seed in range(40):
-        used.reset(seed=1000 + seed)
-        for _ in range(int(rng.integers(1, 30))):  # end somewhere else
-            *_, t, u, _ = used.step(rng.integers(0, 6, 2))
-            if t or u:
-                break
-        o1, s1, a1 = used.reset(seed=seed)
-        o2, s2, a2 = make_env("lbf", "8x8-2p-2f-coop").reset(seed=seed) if seed % 2 else fresh.reset(seed=seed)
-        np.testing.assert_array_equal(o1, o2)
-        np.testing.assert_array_equal(s1, s2)
-        np.testing.assert_array_equal(a1, a2)
+    assert_reset_depends_on_seed_only("lbf", "8x8-2p-2f-coop", n_actions=6, max_cut=30)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from common.envs import EnvError, alberdice_warehouse_reward, make_env
+from _env_checks import assert_reset_depends_on_seed_only
 
 
 @pytest.mark.parametrize("task,n,queue", [("tiny-2ag", 2, 2), ("tiny-2ag-easy", 2, 4), ("small-4ag", 4, 4),
@@ -125,22 +126,4 @@ def test_a_reset_depends_on_its_seed_only():
     random points, ``reset(seed)`` in a used environment gives the same episode, observations and
     action masks over 20 identical steps, as in a fresh one, so collect's worker processes record
     the episodes that one process would."""
-    used, fresh = make_env("rware", "tiny-2ag"), make_env("rware", "tiny-2ag")
-    rng = np.random.default_rng(0)
-    for seed in range(40):
-        used.reset(seed=1000 + seed)
-        for _ in range(int(rng.integers(1, 60))):  # end somewhere else
-            *_, t, u, _ = used.step(rng.integers(0, 5, 2))
-            if t or u:
-                break
-        for x, y in zip(used.reset(seed=seed), fresh.reset(seed=seed)):
-            np.testing.assert_array_equal(x, y)
-        for a in rng.integers(0, 5, (20, 2)):
-            o1, s1, m1, r1, t1, u1, _ = used.step(a)
-            o2, s2, m2, r2, t2, u2, _ = fresh.step(a)
-            np.testing.assert_array_equal(o1, o2)
-            np.testing.assert_array_equal(s1, s2)
-            np.testing.assert_array_equal(m1, m2)
-            assert (r1, t1, u1) == (r2, t2, u2)
-            if t1 or u1:
-                break
+    assert_reset_depends_on_seed_only("rware", "tiny-2ag", n_actions=5, max_cut=60)
