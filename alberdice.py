@@ -12,8 +12,10 @@ Reference:  github.com/dematsunaga/alberdice @ 4d69f0e (pymarl-master/src/learne
 Each agent i in turn (Algorithm 1) computes a best response to the other agents' current
 policies pi_{-i}: importance ratios rho_i (Eq. 11) resample the data into D_rho_i (Eq. 12),
 nu_i(s) minimises the log-mean-exp objective (Eq. 31), e_i(s, a_i) regresses the advantage with
-a CQL penalty (Eq. 43/47), and pi_i is extracted by I-projection (Eq. 48). The data policies
-pi_i^D (Eq. 44) and the autoregressive pi_{-i}^D (Eq. 45) are pretrained first. Policies act on
+a CQL penalty (Eq. 43/47), and pi_i is extracted by I-projection (Eq. 48; by default with the data
+factor written the other way round, E_{pi_{-i}} log pi_i^D(a_i|s, a_{-i}), equal for a consistent joint and
+well-posed on narrow data: docs). The data policies pi_i^D (Eq. 44), the autoregressive pi_{-i}^D
+(Eq. 45) and pi_i^D(a_i|s, a_{-i}) are pretrained first. Policies act on
 each agent's local observation (App. J.1); nu_i, e_i and pi_{-i}^D see the global state.
 Discrete actions only (see ``check_discrete``).
 """
@@ -105,8 +107,9 @@ class Args:
     """width of the two hidden layers of every MLP (the official code: 128)"""
     cql_alpha: float = 0.1
     """weight alpha_CQL of the conservative penalty on e_i (Eq. 43; 0.1 in all the paper's experiments)"""
-    pretrain_steps: int = 2_000
-    """gradient steps of data-policy pretraining, pi_i^D and pi_{-i}^D (Eqs. 44-45, Algorithm 1 line 1)"""
+    pretrain_steps: int = 20_000
+    """gradient steps of data-policy pretraining, pi_i^D, pi_{-i}^D and the own-last model (Eqs. 44-45,
+    Algorithm 1 line 1); on narrow (expert) data the policy step needs sharp data policies (docs)"""
     inner_steps: int = 1
     """gradient steps of one agent before the next agent's turn (Algorithm 1 line 7; the paper and the
     official code use 1; more steps move each turn closer to an exact best response)"""
@@ -118,6 +121,13 @@ class Args:
     """estimate of the other agents' KL term in e_hat: 'policy' = KL(pi_{-i}(.|s) || pi_{-i}^D(.|s,a_i))
     over a_{-i} ~ pi_{-i} (sound; the official code samples it too); 'sample' = log rho_i(x) at the
     dataset's a_{-i}, literally Eq. 8 (biased when pi_{-i} leaves the data's support; docs)"""
+    policy_factorisation: Literal["own-last", "own-first"] = "own-last"
+    """how the policy step (Eq. 48) scores agent i's candidate actions under the data's joint policy:
+    'own-first' = pi_i^D(a_i|o_i) exp(-KL(pi_{-i} || pi_{-i}^D(.|s, a_i))), Eq. 48 as written, which needs
+    pi_{-i}^D after actions a_i the data never took (extrapolated; fails on narrow data: docs); 'own-last' =
+    exp(E_{a_{-i} ~ pi_{-i}} log pi_i^D(a_i|s, a_{-i})), the same up to a constant for a consistent joint
+    (docs), from a data model of a_i given the others' actions. With --kl-estimator sample, e_i is learnt whole
+    and the policy step is Eq. 48 with it (this flag is then unused)"""
     kl_samples: int = 16
     """samples a_{-i} ~ pi_{-i} for the 'policy' KL at the dataset's a_i (nu and e steps); exact enumeration when
     the first N-2 other agents have at most this many joint actions (two agents: always exact)"""
@@ -399,7 +409,8 @@ class AlberDICE(nn.Module):
     """All networks: policies pi_i(a_i|o_i) and data policies pi_i^D(a_i|o_i) on local observations,
     nu_i(s), e_i(s, .) and the autoregressive pi_{-i}^D on the global state; separate parameters per agent."""
 
-    def __init__(self, n_agents: int, obs_dim: int, state_dim: int, n_actions: int, hidden: int):
+    def __init__(self, n_agents: int, obs_dim: int, state_dim: int, n_actions: int, hidden: int,
+                 own_last: bool = True):
         super().__init__()
         self.policy = AgentMLP(n_agents, obs_dim, n_actions, hidden, out_scale=0.01)  # ~uniform at start
         self.data_policy = AgentMLP(n_agents, obs_dim, n_actions, hidden)
@@ -408,6 +419,9 @@ class AlberDICE(nn.Module):
         self.nu_absorbing = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in range(n_agents)])  # nu_i(s_abs)
         self.e = AgentMLP(n_agents, state_dim + n_actions, 1, hidden)  # e_i(s, a_i): input (s, one-hot a_i)
         self.n_actions = n_actions
+        # pi_i^D(a_i | s, a_{-i}) for --policy-factorisation own-last: input (s, one-hot a_j of each other j)
+        self.own_last = AgentMLP(n_agents, state_dim + (n_agents - 1) * n_actions, n_actions, hidden) \
+            if own_last else None
 
     def policy_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None,
                     keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -425,6 +439,18 @@ class AlberDICE(nn.Module):
         W, b = self.e.layer(0, [i])
         h1 = (state @ W[0, :S]).unsqueeze(1) + W[0, S:] + b  # [B, K, H]
         return self.e(h1.reshape(1, B * K, -1), [i], start=1).view(B, K)
+
+    def own_last_logp(self, state: torch.Tensor, cand: torch.Tensor, avail: torch.Tensor, i: int,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
+        """log pi_i^D(. | s, a_{-i}) ``[C, B, K]`` for C candidate joint actions of the others ``cand [C, B, N-1]``
+        (index order); ``avail [B, K]`` are agent i's available actions, ``keep [B]`` (optional) an action that
+        counts as available. The first layer by parts: s W_s once per row, one weight row per one-hot block."""
+        K, S, C = self.n_actions, state.shape[1], cand.shape[0]
+        W, b = self.own_last.layer(0, [i])
+        w_oth = W[0, S:].view(-1, K, W.shape[-1])  # [N-1, K, H]
+        h1 = (state @ W[0, :S] + b)[None] + w_oth[torch.arange(w_oth.shape[0], device=state.device), cand].sum(-2)
+        logits = self.own_last(h1.reshape(1, -1, h1.shape[-1]), [i], start=1).view(C, *state.shape[:1], K)
+        return masked_log_softmax(logits, avail.expand(C, -1, -1), None if keep is None else keep.expand(C, -1))
 
     def data_logp(self, obs: torch.Tensor, avail: torch.Tensor, agents: list[int] | None = None,
                   keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -444,10 +470,22 @@ def check_discrete(dataset) -> None:
         raise OfflineMarlError("alberdice.py needs at least two agents (it best-responds to the other agents)")
 
 
+def own_last_nll(model: AlberDICE, b: dict) -> torch.Tensor:
+    """-log pi_i^D(a_i | s, a_{-i}) on a batch of D, mean over rows and agents (teacher forcing on the data:
+    the own-last conditional of --policy-factorisation own-last, fitted like Eq. 45)."""
+    oth = model.ar.others
+    losses = [-model.own_last_logp(b["state"], b["actions"][:, oth[i]][None], b["avail"][:, i], i,
+                                   b["actions"][:, i])[0].gather(-1, b["actions"][:, i:i + 1]).mean()
+              for i in range(model.ar.N)]
+    return torch.stack(losses).mean()
+
+
 def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | None, start: int = 0) -> None:
     """Algorithm 1 line 1: behaviour cloning of pi_i^D (Eq. 44) and pi_{-i}^D (Eq. 45), all agents at once;
     then (``--init-policy-from-data``) the policies start at pi_i^D."""
     params = list(model.data_policy.parameters()) + list(model.ar.parameters())
+    if model.own_last is not None:
+        params += list(model.own_last.parameters())
     opt = torch.optim.Adam(params, lr=args.lr, foreach=True)
     N = dataset.n_agents
     bar = tqdm(range(start, args.pretrain_steps), desc="pretrain data policies", leave=False, dynamic_ncols=True,
@@ -458,12 +496,14 @@ def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | Non
         loss_d = -logp.gather(-1, b["actions"].unsqueeze(-1)).mean()  # Eq. 44, mean over agents
         cand = b["actions"][:, model.ar.others].unsqueeze(0)  # [1, B, N, N-1]: teacher forcing on the data
         loss_ar = -model.ar.log_prob(b["state"], b["actions"], cand, b["avail"], keep=True).mean()  # Eq. 45, mean/i
+        loss_ol = own_last_nll(model, b) if model.own_last is not None else torch.zeros((), device=logp.device)
         opt.zero_grad(set_to_none=True)
-        (loss_d + loss_ar).backward()
+        (loss_d + loss_ar + loss_ol).backward()
         opt.step()
         if run is not None and (step % args.log_every == 0 or step == args.pretrain_steps - 1):
             run.log(step, {"losses/data_policy": loss_d.item(),
-                           "losses/ar_data_policy": loss_ar.item() / max(1, N - 1)})
+                           "losses/ar_data_policy": loss_ar.item() / max(1, N - 1),
+                           "losses/own_last_data_policy": loss_ol.item()})
     if args.init_policy_from_data:
         model.policy.load_state_dict(model.data_policy.state_dict())
 
@@ -511,11 +551,39 @@ def kl_term(model: AlberDICE, x: dict, i: int, estimator: str, n_samples: int, g
     return lp - model.ar.log_prob(x["state"], x["actions"], cand, x["avail"], [i], keep=True)[0, :, 0]
 
 
+@torch.no_grad()
+def own_last_prior(model: AlberDICE, u: dict, i: int, others_logp: torch.Tensor, n_enumerate: int,
+                   n_samples: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """E_{a_{-i} ~ pi_{-i}(.|s)} log pi_i^D(a | s, a_{-i}) for every action a of agent i ``[B, K]``: the data factor
+    of the policy step with --policy-factorisation own-last (docs/alberdice.md#the-policy-steps-data-factor-own-last).
+    ``others_logp [B, N-1, K]``: the others' current log-probabilities. Exact (every joint action of the others,
+    weighted by its probability) when they have at most ``n_enumerate`` joint actions, else the mean over
+    ``n_samples`` draws (unbiased; it enters the I-projection linearly)."""
+    B, L, K = others_logp.shape
+    if K ** L <= n_enumerate:
+        cand = torch.cartesian_prod(*[torch.arange(K, device=others_logp.device)] * L).view(K ** L, L)  # [C, L]
+        logw = others_logp.permute(1, 2, 0)[torch.arange(L, device=cand.device), cand].sum(1)  # [C, B]
+        cand = cand[:, None].expand(-1, B, -1)
+        w = logw.exp()
+    else:
+        probs = others_logp.exp().reshape(B * L, K)
+        cand = torch.multinomial(probs, n_samples, replacement=True, generator=gen).view(B, L, n_samples)
+        cand = cand.permute(2, 0, 1)  # [C, B, L]
+        w = torch.full(cand.shape[:2], 1.0 / n_samples, device=cand.device)
+    logp = model.own_last_logp(u["state"], cand, u["avail"][:, i], i, u["actions"][:, i])  # [C, B, K]
+    return (w.unsqueeze(-1) * logp).sum(0)
+
+
 def e_values(model: AlberDICE, state: torch.Tensor, i: int, alpha: float, kl_all: torch.Tensor | None) -> torch.Tensor:
     """e_i(s, a) for every action ``[B, K]``. With the 'policy' KL the term -alpha * KL(pi_{-i} || pi_{-i}^D(.|s, a))
     of e_i is known for every a, so only the rest is learnt: e_i = e_psi(s, a) - alpha * KL_i(s, a)."""
     e = model.e_all(state, i)
     return e if kl_all is None else e - alpha * kl_all
+
+
+def uses_own_last(args: Args) -> bool:
+    """The policy step takes the own-last data factor (only with the 'policy' KL, whose e_i = e_psi - alpha KL)."""
+    return args.policy_factorisation == "own-last" and args.kl_estimator == "policy"
 
 
 def uses_pool(args: Args, dataset) -> bool:
@@ -637,9 +705,15 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, pool: RatioPool,
     # pi_i: I-projection on states of D (Eq. 48; local observation o_i, App. J.1 Eq. 50)
     u = r["u"]
     with torch.no_grad():
-        kl_u = kl_term(model, u, i, args.kl_estimator, args.kl_samples_policy, gen, True, others_logp=r["u_logp"])
-        e_u = e_values(model, u["state"], i, alpha, kl_u)
-        data_u = model.data_logp(u["obs"], u["avail"], [i])[:, 0]
+        if uses_own_last(args):
+            # pi_i^D(a) exp(-KL(a)) = exp(E_{pi_{-i}} log pi_i^D(a|s, a_{-i})) x const: e_i = e_psi and that prior
+            e_u = model.e_all(u["state"], i)
+            data_u = own_last_prior(model, u, i, r["u_logp"], args.kl_samples, args.kl_samples_policy, gen)
+        else:
+            kl_u = kl_term(model, u, i, args.kl_estimator, args.kl_samples_policy, gen, True,
+                           others_logp=r["u_logp"])
+            e_u = e_values(model, u["state"], i, alpha, kl_u)
+            data_u = model.data_logp(u["obs"], u["avail"], [i])[:, 0]
     logits = model.policy(u["obs"][:, i][None], [i])[0]
     loss_pi = i_projection_loss(logits, e_u, data_u, u["avail"][:, i], alpha).mean()
     opts["policy"].zero_grad(set_to_none=True)
@@ -709,7 +783,9 @@ def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None
     ck = load_checkpoint(checkpoint, "alberdice")
     d, args = ck["dims"], restore_args(Args, ck["args"])
     model = AlberDICE(d["n_agents"], d["obs_dim"], d["state_dim"], d["n_actions"], args.hidden)
-    model.load_state_dict(ck["modules"]["model"])
+    # only the policies act; the checkpoint's other networks (which depend on the run's flags) are not needed
+    model.policy.load_state_dict({k.removeprefix("policy."): v for k, v in ck["modules"]["model"].items()
+                                  if k.startswith("policy.")})
     model.to(device).eval()
     act_fn = make_act_fn(model.policy, torch.device(device), sample=args.eval_sample if sample is None else sample)
     act_fn.meta, act_fn.args, act_fn.step = ck["meta"], args, ck["step"]
@@ -726,7 +802,8 @@ def main(args: Args) -> dict:
     dataset.to(run.device).seed(args.seed)
     N, K = dataset.n_agents, dataset.n_actions
     dims = dict(n_agents=N, obs_dim=dataset.obs_dim, state_dim=dataset.state_dim, n_actions=K)
-    model = AlberDICE(N, dataset.obs_dim, dataset.state_dim, K, args.hidden).to(run.device)
+    model = AlberDICE(N, dataset.obs_dim, dataset.state_dim, K, args.hidden,
+                      own_last=uses_own_last(args)).to(run.device)
     opts = make_optimizers(model, args.lr)
     gen = torch.Generator(device=run.device)  # the KL term's samples of a_{-i}
     gen.manual_seed(args.seed + 1)

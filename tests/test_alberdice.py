@@ -253,6 +253,71 @@ def test_others_kl_exact_and_monte_carlo():
     assert ((mc.mean(0) - exact).abs() < 4 * se + 1e-5).all()
 
 
+def test_own_last_prior_exact_and_monte_carlo():
+    """E_{a_{-i} ~ pi_{-i}} log pi_i^D(. | s, a_{-i}) (the own-last data factor of the policy step): the batched
+    form equals the brute-force sum over every joint action of the others (2 and 3 agents), and with fewer
+    than K^(N-1) allowed enumerations it is a Monte-Carlo estimate, unbiased."""
+    torch.manual_seed(0)
+    for N in (2, 3):
+        ds = random_dataset(N=N, K=3).to("cpu")
+        model = A.AlberDICE(N, ds.obs_dim, ds.state_dim, 3, 16)
+        with torch.no_grad():  # peaked distributions, so that the prior depends on the others' actions
+            for k in (2 * N + j for j in range(N)):
+                model.own_last.weights[k].mul_(5)
+                model.policy.weights[k].mul_(20)
+        b = ds.transitions(ds.transition_rows()[:12])
+        logp = model.policy_logp(b["obs"], b["avail"], keep=b["actions"]).detach()
+        i = 1
+        others = [j for j in range(N) if j != i]
+        brute = torch.zeros(12, 3)
+        with torch.no_grad():
+            for combo in itertools.product(range(3), repeat=N - 1):
+                c = torch.tensor(combo).expand(12, N - 1)
+                w = sum(logp[:, j].gather(-1, c[:, q:q + 1])[:, 0] for q, j in enumerate(others)).exp()
+                x = torch.cat([b["state"], torch.nn.functional.one_hot(c, 3).flatten(1).float()], -1)
+                logits = model.own_last(x[None], [i])[0]  # the network on its concatenated input
+                lp = A.masked_log_softmax(logits, b["avail"][:, i], b["actions"][:, i])
+                brute += w[:, None] * lp
+            exact = A.own_last_prior(model, b, i, logp[:, others], n_enumerate=16, n_samples=1)
+            torch.testing.assert_close(exact, brute, rtol=1e-4, atol=1e-4)
+            g = torch.Generator().manual_seed(0)
+            mc = torch.stack([A.own_last_prior(model, b, i, logp[:, others], 0, 2, g) for _ in range(400)])
+        assert mc.std(0).max() > 0.1  # it is random
+        se = mc.std(0) / math.sqrt(400)
+        avail = exact > -100  # an unavailable action of agent i is -1e4 in every draw
+        assert ((mc.mean(0) - exact).abs() < 4 * se + 1e-4)[avail].all()
+
+
+def test_policy_factorisations_agree_on_a_consistent_joint():
+    """log pi_i^D(a|s) - KL(pi_{-i} || pi_{-i}^D(.|s, a)) = E_{pi_{-i}} log pi_i^D(a|s, a_{-i}) + const (docs,
+    "The policy step's data factor"): on a one-state game whose data has full support and correlated agents
+    (joint [[0.4, 0.1], [0.2, 0.3]]), both factorisations, from their separately fitted data models, prefer
+    agent 1's actions by the same margin for partner policies far from the data's."""
+    torch.manual_seed(0)
+    env = common_envs.make_env("matrix", "penalty_xor", episode_limit=50)
+    support = [(0, 0)] * 4 + [(0, 1)] + [(1, 0)] * 2 + [(1, 1)] * 3
+    eps = collect.rollout(env, collect.JointSupportPolicy(support, np.random.default_rng(0)), 200, seed=0)
+    ds = collect.episodes_to_dataset(env, eps, "joint", {}).to("cpu").seed(0)
+    args = xor_args(pretrain_steps=1000, batch_size=512, lr=1e-2)
+    model = A.AlberDICE(2, 4, 4, 2, args.hidden)
+    A.pretrain_data_policies(model, ds, args, None)
+    P = np.array([[0.4, 0.1], [0.2, 0.3]])
+    b = ds.transitions(ds.transition_rows()[:1])
+    for p_a in (0.05, 0.5, 0.95):
+        set_policy(model, 1, [p_a, 1 - p_a])
+        with torch.no_grad():
+            lpo = model.policy_logp(b["obs"], b["avail"], [1], keep=b["actions"])
+            first = model.data_logp(b["obs"], b["avail"], [0])[:, 0] \
+                - A.kl_term(model, b, 0, "policy", 16, all_actions=True, others_logp=lpo)
+            last = A.own_last_prior(model, b, 0, lpo, 16, 1)
+        pi2 = np.array([p_a, 1 - p_a])
+        exact = [np.log(P[a].sum()) - (pi2 * np.log(pi2 / (P[a] / P[a].sum()))).sum()
+                 for a in (0, 1)]  # log P_1(a) - KL(pi_2 || P(.|a)), from the true joint
+        margin = exact[0] - exact[1]
+        assert abs((first[0, 0] - first[0, 1]).item() - margin) < 0.1, (p_a, first, margin)
+        assert abs((last[0, 0] - last[0, 1]).item() - margin) < 0.1, (p_a, last, margin)
+
+
 # -------------------------------------- the KL term: paper-literal vs sound
 def xor_args(**kw) -> A.Args:
     base = dict(batch_size=128, hidden=16, lr=3e-2, pretrain_steps=100, alpha=0.1, alpha_end=0.0, total_steps=16,
