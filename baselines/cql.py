@@ -105,8 +105,8 @@ class Args:
     """width of the mixer's hidden layer"""
     grad_clip: float = 10.0
     """gradient-norm clip of every network"""
-    penalty_through_mixer: bool = False
-    """let the penalty's gradient reach the mixer weights too (ablation: on Bridge it holds Q_tot near 0; docs)"""
+    penalty_through_mixer: bool = True
+    """the penalty's gradient reaches the mixer weights, as Eq. C2 (the penalty of Q_tot) implies; --no-... holds them fixed (before 2026-12-06; on LBF the weights then collapse, docs)"""
     n_action_samples: int = 10
     """continuous: samples per proposal (uniform, pi(.|o), pi(.|o')) in the importance-sampled penalty"""
     target_entropy: float | None = None
@@ -122,7 +122,7 @@ def log_mean_exp(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int = -
 
 
 def cql_penalty_discrete(q_all: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor, w: torch.Tensor,
-                         through_mixer: bool = False) -> torch.Tensor:
+                         through_mixer: bool = True) -> torch.Tensor:
     """Eq. C2, the joint CQL(H) penalty of Q_tot in log-mean-exp form, per sample ``[B]``:
 
         log E_{a ~ U(avail)} exp Q_tot(s, a) - Q_tot(s, a^D)
@@ -132,9 +132,9 @@ def cql_penalty_discrete(q_all: torch.Tensor, actions: torch.Tensor, avail: torc
     over the actions and > 0 when Q prefers actions the data did not take. ``q_all [B, N, K]``,
     ``actions [B, N]``, ``avail [B, N, K]``, ``w [B, N]`` (mixer weights, >= 0).
 
-    The weights are constants here (detached): the penalty shapes the action-dependent Q_i only,
-    with gradient w_i (softmax(w_i Q_i) - onehot(a_i^D)); it cannot rescale the state-only w(s)
-    (docs: why, and what happens on Bridge when it can: ``through_mixer=True``)."""
+    Its gradient reaches the weights too, as the penalty of Q_tot does. ``through_mixer=False``
+    holds them fixed: then it only reshapes the Q_i, with gradient w_i (softmax(w_i Q_i) -
+    onehot(a_i^D)), and on LBF the weights collapse (docs: "The penalty's gradient reaches the mixer")."""
     wq = (w if through_mixer else w.detach()).unsqueeze(-1) * q_all
     data = wq.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     return (log_mean_exp(wq, avail) - data).sum(-1)
@@ -148,8 +148,8 @@ def cql_penalty_continuous(wq_samples: torch.Tensor, log_proposal: torch.Tensor,
 
     the expectation importance-sampled from the M draws a_i^(j) of proposals with log-densities
     ``log_proposal``: log (1/M) sum_j exp(w_i Q_i(a^(j))) U(a^(j)) / p_j(a^(j)), U = 2^-d.
-    ``wq_samples [..., N, M]``, ``log_proposal [..., N, M]``, ``wq_data [..., N]``; pass the mixer
-    weights detached, as in Eq. C2."""
+    ``wq_samples [..., N, M]``, ``log_proposal [..., N, M]``, ``wq_data [..., N]``; the mixer weights
+    detached or not, as in Eq. C2."""
     log_u = -act_dim * math.log(2.0)
     lme = torch.logsumexp(wq_samples + log_u - log_proposal, dim=-1) - math.log(wq_samples.shape[-1])
     return (lme - wq_data).sum(-1)
@@ -383,7 +383,7 @@ def main(args: Args) -> dict[str, Any]:
         q_tot = (w * q_data).sum(-1) + bias
         td = F.mse_loss(q_tot, y.expand_as(q_tot)) * 2
         q_samp = q(x.unsqueeze(2).expand(B, N, 3 * M, -1), samples)  # [2, B, N, 3M]
-        wd = w if args.penalty_through_mixer else w.detach()  # Eq. C3, mixer weights held fixed as in Eq. C2
+        wd = w if args.penalty_through_mixer else w.detach()  # Eq. C3, through the mixer as in Eq. C2
         penalty = cql_penalty_continuous(wd.unsqueeze(-1) * q_samp, log_prop, wd * q_data, d).mean() * 2
         critic_step(td + cql_alpha * penalty)
         # actor (SAC): maximise min_k Q_tot^k(s, a ~ pi) - alpha_ent sum_i log pi_i
