@@ -567,11 +567,29 @@ def plot(records: list[RunRecord], stats: list[GroupStats], out_dir: str | Path)
     return paths
 
 
+TABLES_BEGIN = "<!-- tables: written by common.benchmark; text outside these two markers is kept -->"
+TABLES_END = "<!-- end of tables -->"
+
+
+def write_table_file(path: str | Path, md: str) -> None:
+    """Write a grid's Markdown to ``path``. Where the file already holds the two markers, only the
+    text between them is replaced, so a results page can wrap its tables in its own analysis."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.is_file() else ""
+    if TABLES_BEGIN in old and TABLES_END in old.split(TABLES_BEGIN, 1)[1]:
+        head, rest = old.split(TABLES_BEGIN, 1)
+        tail = rest.split(TABLES_END, 1)[1]
+        path.write_text(f"{head}{TABLES_BEGIN}\n{md.rstrip()}\n{TABLES_END}{tail}")
+    else:
+        path.write_text(md)
+
+
 def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int = 2000,
                   header: str = "", paper: dict[str, dict[str, str]] | None = None) -> tuple[str, list[GroupStats]]:
     """Aggregate every run under ``root``: ``<root>/results.md``, ``<root>/metrics.json``
     (merged marl-eval), plots in ``plots`` (default ``<root>/plots``); ``table`` also
-    receives the Markdown."""
+    receives the Markdown (between its markers, if it has them: ``write_table_file``)."""
     root = Path(root)
     records = load_runs(root)
     if not records:
@@ -584,8 +602,7 @@ def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int 
     (root / "results.md").write_text(md)
     (root / "metrics.json").write_text(json.dumps(merged_metrics(records), indent=1))
     if table:
-        Path(table).parent.mkdir(parents=True, exist_ok=True)
-        Path(table).write_text(md)
+        write_table_file(table, md)
     plot(records, stats, plots or root / "plots")
     return md, stats
 

@@ -225,6 +225,26 @@ def test_outputs_tables_json_and_plots(tmp_path):
     assert pngs == ["bridge__hard__mix.png", "bridge__hard__optimal.png", "bridge__iqm.png"]
 
 
+def test_table_file_keeps_the_text_around_its_markers(tmp_path):
+    """A results page with the two markers gets fresh tables between them and keeps its own text;
+    a page without them is written whole, as before."""
+    for seed in range(2):
+        _write_run(tmp_path / "r", "a", seed, [1.0 + seed], curve=[1.0 + seed])
+    page = tmp_path / "page.md"
+    page.write_text(f"# Results\n\nour analysis\n\n{bm.TABLES_BEGIN}\nstale table\n{bm.TABLES_END}\n\nmore analysis\n")
+    md, _ = bm.write_outputs(tmp_path / "r", table=str(page), reps=50)
+    text = page.read_text()
+    assert text.startswith("# Results\n\nour analysis\n\n" + bm.TABLES_BEGIN + "\n")
+    assert text.endswith(bm.TABLES_END + "\n\nmore analysis\n")
+    assert "stale table" not in text and md.rstrip() in text
+    bm.write_outputs(tmp_path / "r", table=str(page), reps=50)
+    assert page.read_text() == text  # idempotent
+    plain = tmp_path / "plain.md"
+    plain.write_text("old generated tables\n")
+    bm.write_outputs(tmp_path / "r", table=str(plain), reps=50)
+    assert plain.read_text() == md
+
+
 def test_paper_numbers_sit_under_ours(tmp_path):
     """A definition's [paper] puts the published numbers on a line of their own under ours, in the
     same columns, for the qualities (or task/quality) it names and no others."""
