@@ -542,6 +542,11 @@ def main(args: Args) -> dict[str, Any]:
     opts = model.optimizers(args.lr)
     act_fn = make_act_fn(model.policy, run.device, not args.eval_sample)
     run.start(dataset, env, act_fn, dims=dims, modules={"model": model}, optimizers=opts)
+    # divergence: a Q target or nu_tot far beyond what a return of this data can be (|r| <= r_max a step, plus
+    # alpha for the f-divergence terms, over 1 - gamma; 10x slack: runs that learn stay 40x below it on LBF)
+    r_max = float(np.abs(np.asarray(dataset.arrays["reward"])).max(initial=0.0))
+    value_bound = 10.0 * (r_max + args.alpha) / (1.0 - args.gamma)
+    run.bound({"charts/q_target_mean": value_bound, "charts/nu_tot_init": value_bound})
     step = run.compile(update)  # torch.compile with --compile
     while run.training:
         with run.autocast():  # bfloat16 matmuls with --precision bf16

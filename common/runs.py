@@ -375,6 +375,8 @@ class Run:
         self._train_time, self._clock, self._log_step, self._log_time = 0.0, 0.0, 0, 0.0
         self._first_bad: torch.Tensor | None = None
         self._bad_keys: list[str] = []
+        self._bounds: dict[str, float] = {}
+        self._bound_vec: torch.Tensor | None = None
         self.last_eval: float | None = None
 
     # ------------------------------------------------------------------ data
@@ -707,6 +709,13 @@ class Run:
                 self.tuner.pause()
             self._clock = time.perf_counter()
 
+    def bound(self, bounds: dict[str, float]) -> None:
+        """Declare statistics that a run which has not diverged keeps within ``±bound`` (e.g. a value
+        estimate, bounded by the data's largest reward over 1 - gamma): leaving it counts as divergence,
+        checked with the NaN/inf guard (on the device, no extra host synchronisation)."""
+        self._bounds.update({k: float(v) for k, v in bounds.items()})
+        self._bad_keys = []  # rebuild the watch vectors at the next update
+
     def _watch(self, stats: dict[str, Any]) -> None:
         keys = [k for k, v in stats.items() if torch.is_tensor(v)]
         if not keys:
@@ -717,7 +726,8 @@ class Run:
                 self._check_finite()
             self._bad_keys = keys
             self._first_bad = torch.full((len(keys),), -1, dtype=torch.int64, device=vals.device)
-        fresh = ~torch.isfinite(vals) & (self._first_bad < 0)
+            self._bound_vec = torch.tensor([self._bounds.get(k, math.inf) for k in keys], device=vals.device)
+        fresh = (~torch.isfinite(vals) | (vals.abs() > self._bound_vec)) & (self._first_bad < 0)
         self._first_bad = torch.where(fresh, torch.full_like(self._first_bad, self.step), self._first_bad)
 
     def _diverged(self, what: str) -> None:
@@ -734,6 +744,9 @@ class Run:
         bad = [(s, k) for s, k in zip(fb, self._bad_keys) if s >= 0]
         if bad:
             s, k = min(bad)
+            if k in self._bounds:
+                self._diverged(f"{k} became NaN or infinite, or left ±{self._bounds[k]:.4g} (a bound no "
+                               f"estimate of this data's values should reach), at update {s}")
             self._diverged(f"{k} became NaN or infinite at update {s}")
 
     def _check_parameters(self) -> None:

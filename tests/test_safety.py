@@ -161,6 +161,32 @@ def test_huge_rewards_or_learning_rates_stop_as_a_divergence(file, bridge, tmp_p
     assert "update" in proc.stderr and not (tmp_path / "run" / "done.json").exists()
 
 
+def test_values_beyond_any_return_of_the_data_stop_as_a_divergence(bridge, tmp_path, monkeypatch):
+    """A ComaDICE run whose Q target grows past 10 (r_max + alpha) / (1 - gamma) while staying finite (as
+    it did on RWARE at lr 1e-3: 8.7, 53, 938, 3511 over 5,000 updates, nu_tot(s0) to -3.3e6) stops as
+    a divergence naming the statistic, with no done.json; below the bound the same run finishes."""
+    from common.runs import DivergenceError
+
+    mod = load("comadice.py")
+    orig, calls = mod.update, {"n": 0}
+
+    def blowing_up(*a, **k):
+        stats = orig(*a, **k)
+        calls["n"] += 1
+        if calls["n"] > 8:  # the bound is about 1e4 on this data (|r| < 1, alpha 10, gamma 0.99)
+            stats["charts/q_target_mean"] = stats["charts/q_target_mean"] * 0 + 2e4
+        return stats
+
+    monkeypatch.setattr(mod, "update", blowing_up)
+    args = make_args(mod, bridge, tmp_path / "run", total_steps=20, eval_every=10, log_every=5, eval_episodes=0)
+    with pytest.raises(DivergenceError, match=r"charts/q_target_mean .*left ±1\.\d+e\+04 .* at update 9"):
+        mod.main(args)
+    assert not (tmp_path / "run" / "done.json").exists()
+    calls["n"] = -10**6  # never past the bound: the same run ends normally
+    mod.main(make_args(mod, bridge, tmp_path / "ok", total_steps=20, eval_every=10, log_every=5, eval_episodes=0))
+    assert (tmp_path / "ok" / "done.json").exists()
+
+
 # ---------------------------------------------------------------- benchmarks
 @pytest.mark.parametrize("text,needle", [
     ('env = "bridge"\ntasks = "hard"\n', "tasks must be a list"),
