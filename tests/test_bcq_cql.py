@@ -167,7 +167,7 @@ def test_cql_penalty_through_the_mixer_keeps_the_utilities_conservative(tmp_path
     held fixed inside the penalty, the TD term answers the penalty's growing action gaps by shrinking
     w: the state-only bias b(s) takes the value, the Q_i blow up and the penalty's pull on Q_tot
     (w_i^2 (softmax - onehot)) fades, so the greedy actions drift from the data's. Through the mixer
-    (Eq. C2 as written, the default) w stays of order one (docs/baselines.md#cql-ma; measured on the
+    (Eq. C2 as written, the default) w stays large (docs/baselines.md#cql-ma; measured on the
     full data: greedy return 0.085 -> 0.435)."""
     pytest.importorskip("lbforaging")
     from common import collect
