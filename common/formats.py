@@ -878,6 +878,27 @@ def _source_key(path: Path, fmt: str, options: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_TMP_MARK = ".offline-marl-tmp"
+
+
+def _fresh_tmp(tmp: Path) -> None:
+    """Create the temporary folder ``tmp`` (marked as ours). A leftover of an earlier killed call is
+    removed only if it carries the mark; a folder of that name without it is someone else's and
+    is refused, never deleted."""
+    if tmp.exists():
+        if not (tmp / _TMP_MARK).is_file():
+            raise DatasetError(f"{tmp} exists and was not made by offline-marl; move it away and run again")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / _TMP_MARK).touch()
+
+
+def _finish_tmp(tmp: Path, dest: Path) -> None:
+    """Move a finished temporary folder into place, without its mark."""
+    (tmp / _TMP_MARK).unlink(missing_ok=True)
+    os.replace(tmp, dest)
+
+
 def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Extract a zip archive into ``dest`` (atomically: into a temporary folder first)
     and return ``dest``. Members that would land outside ``dest`` are refused."""
@@ -885,16 +906,14 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     if dest.exists():
         raise DatasetError(f"{dest} already exists; unpacking {archive.name} never replaces a folder")
     tmp = dest.with_name(dest.name + ".unpacking")
-    if tmp.exists():  # a killed earlier unpack of this archive into this cache folder (callers hold its lock)
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    _fresh_tmp(tmp)  # a killed earlier unpack of this archive into this cache folder (callers hold its lock)
     with _reading(archive, "a zip archive"), zipfile.ZipFile(archive) as z:
         for name in z.namelist():
             target = (tmp / name).resolve()
             if not str(target).startswith(str(tmp.resolve())):
                 raise DatasetError(f"{archive} has a member outside its folder ({name}); refusing to unpack it")
         z.extractall(tmp)
-    os.replace(tmp, dest)
+    _finish_tmp(tmp, dest)
     return dest
 
 
@@ -1057,9 +1076,7 @@ def _convert_locked(path: Path, fmt: str, out: Path, key: str, options: dict[str
     E = len(plan.lengths)
     R = int(plan.lengths.sum()) + E
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    _fresh_tmp(tmp)
     try:
         writer = _NativeWriter(tmp, R, E)
         from tqdm import tqdm
@@ -1081,7 +1098,7 @@ def _convert_locked(path: Path, fmt: str, out: Path, key: str, options: dict[str
     if out.exists():  # an older conversion (our own dataset, checked above): only its files are removed
         _remove_dataset_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    _finish_tmp(tmp, out)
     return out
 
 

@@ -283,6 +283,16 @@ def test_zip_archive_is_unpacked(tmp_path):
     with pytest.raises(DatasetError, match="never replaces"):
         formats.unpack(archive, tmp_path / "dest")
     assert (tmp_path / "dest" / "thesis.tex").read_text() == "x"
+    # a folder where the temporary one would go: removed only if an earlier unpack made it
+    (tmp_path / "d2.unpacking").mkdir()
+    (tmp_path / "d2.unpacking" / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="not made by offline-marl"):
+        formats.unpack(archive, tmp_path / "d2")
+    assert (tmp_path / "d2.unpacking" / "notes.txt").read_text() == "mine"
+    (tmp_path / "d3.unpacking").mkdir()
+    (tmp_path / "d3.unpacking" / formats._TMP_MARK).touch()  # a killed earlier unpack's leftover
+    formats.unpack(archive, tmp_path / "d3")
+    assert not (tmp_path / "d3.unpacking").exists() and not (tmp_path / "d3" / formats._TMP_MARK).exists()
 
 
 # --------------------------------------------------------------------------------- bad input
