@@ -119,6 +119,12 @@ class Args:
     """divide dataset actions by this before fitting and multiply actions by it when acting (reference MaMuJoCo: 4)"""
     ignore_terminal: bool = False
     """bootstrap at true terminal steps too (the reference code on SMAC, whose done flag never fires)"""
+    # ------------------------------------------------ d^D (docs: "d^D and the absorbing state")
+    data_distribution: Literal["rows", "discounted"] = "rows"
+    """d^D of Eqs. 9-11. rows: every transition alike, true terminals bootstrap 0, time-limit cuts
+    bootstrap nu_tot(s') (the paper). discounted: the behaviour's discounted occupancy of the recorded
+    episodes: each episode weighs alike, its step t (1 - gamma) gamma^t, and every episode's end (true
+    terminal or time limit) leads to an absorbing state with a learnt value, which gets the rest"""
 
 
 # =================================================================== f-divergences
@@ -234,7 +240,8 @@ def q_loss(p: Sequence[torch.Tensor], q: torch.Tensor, nu: torch.Tensor, target:
 
 def nu_loss(p: Sequence[torch.Tensor], p_next: Sequence[torch.Tensor], p_init: Sequence[torch.Tensor],
             q: torch.Tensor, nu: torch.Tensor, nu_next: torch.Tensor, nu_init: torch.Tensor,
-            not_done: torch.Tensor, gamma: float, alpha: float, f: str) -> tuple[torch.Tensor, torch.Tensor]:
+            not_done: torch.Tensor, gamma: float, alpha: float, f: str, nu_abs: torch.Tensor | None = None,
+            share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 10, well posed: (1 - gamma) E_{s0}[M^{s0}[nu(s0)]] + E_D[alpha f*(A_tot / alpha)] in nu.
 
     A_tot = M^s[q - nu] - M^s[0] (value of Eq. 10 without the mixer bias). Its gradient also
@@ -246,7 +253,12 @@ def nu_loss(p: Sequence[torch.Tensor], p_next: Sequence[torch.Tensor], p_init: S
     adv = mix_adv(p, q.detach() - nu)
     nu_next_tot = mix(p_next, nu_next)
     adv_grad = adv + gamma * not_done * (nu_next_tot - nu_next_tot.detach())  # same value, Eq. 5's gradient path
-    loss = (1 - gamma) * mix(p_init, nu_init).mean() + (alpha * f_star(adv_grad / alpha, f)).mean()
+    if nu_abs is None:
+        return (1 - gamma) * mix(p_init, nu_init).mean() + (alpha * f_star(adv_grad / alpha, f)).mean(), adv.detach()
+    # --data-distribution discounted: an episode's end leads to the absorbing state (value nu_abs, share f of d^D)
+    adv_grad = adv_grad + gamma * (1 - not_done) * (nu_abs - nu_abs.detach())
+    loss = ((1 - gamma) * mix(p_init, nu_init).mean() + (1 - share) * (alpha * f_star(adv_grad / alpha, f)).mean()
+            + absorbing_term(nu_abs, share, gamma, alpha, f))
     return loss, adv.detach()
 
 
@@ -264,6 +276,33 @@ def nu_loss_reference(w: torch.Tensor, q: torch.Tensor, nu: torch.Tensor, first:
     init = (nu * first).sum() / first.sum().clamp(min=1)  # 0 when no first row is in the batch
     loss = (1 - gamma) * init + (alpha * f_fn(ww, f)).mean() + lam * (1 - ww.detach().mean())
     return loss, e.detach()
+
+
+def absorbing_term(nu_abs: torch.Tensor, share: float, gamma: float, alpha: float, f: str) -> torch.Tensor:
+    """The absorbing state's part of Eq. 10 with --data-distribution discounted: its share f of d^D,
+    reward 0 and a self-loop, so A = gamma nu_abs - nu_abs: f * alpha f*(-(1 - gamma) nu_abs / alpha)."""
+    return share * alpha * f_star(-(1 - gamma) * nu_abs / alpha, f)
+
+
+def discounted_occupancy(dataset, gamma: float) -> tuple[np.ndarray, float]:
+    """d^D as the behaviour's discounted occupancy (--data-distribution discounted).
+
+    Every episode weighs 1/E (as the initial states are drawn); its step t carries (1 - gamma) gamma^t,
+    and its end, a true terminal or the time limit alike, leads to the absorbing state, which gets the
+    remaining gamma^L. The flow constraints of the LP then hold on the data exactly, so that without
+    reward the optimum is w = 1, the behaviour. Returns (probability of every transition, in the order of
+    ``transition_rows()``, summing to 1 - f; the absorbing share f)."""
+    lengths = np.asarray(dataset.episode_lengths).astype(np.int64)
+    t = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    prob = (1 - gamma) * gamma ** t.astype(np.float64) / lengths.size
+    return prob, float(np.mean(gamma ** lengths.astype(np.float64)))
+
+
+def episode_ends(dataset) -> np.ndarray:
+    """1.0 at the row of every episode's last transition, ``[n_rows]`` (index with a batch's ``rows``)."""
+    ends = np.zeros(dataset.n_rows, np.float32)
+    ends[np.asarray(dataset.episode_start)[1:] - 2] = 1.0
+    return ends
 
 
 def global_weights(adv: torch.Tensor, alpha: float, f: str, clip: float = 0.0) -> torch.Tensor:
@@ -383,7 +422,7 @@ class ComaDICE(nn.Module):
     target copies of nu and the mixer (for the Q target), and the reference code's offsets lambda_v, lambda_e."""
 
     def __init__(self, dims: dict[str, Any], hidden: Sequence[int] = (256, 256), mixer_hidden: int = 64,
-                 mixer_layers: int = 1, mixer_embed: int = 32, action_scale: float = 1.0):
+                 mixer_layers: int = 1, mixer_embed: int = 32, action_scale: float = 1.0, absorbing: bool = False):
         super().__init__()
         n, o, s = dims["n_agents"], dims["obs_dim"], dims["state_dim"]
         self.discrete, self.action_scale = bool(dims["discrete"]), float(action_scale)
@@ -396,6 +435,9 @@ class ComaDICE(nn.Module):
         self.policy = Policy(o, n, self.discrete, dims["n_actions"], dims["act_dim"], hidden, action_scale)
         self.lambda_v = nn.Parameter(torch.zeros(()))
         self.lambda_e = nn.Parameter(torch.zeros(()))
+        # nu_tot of the absorbing state (--data-distribution discounted) and its target copy
+        self.nu_absorbing = nn.Parameter(torch.zeros(())) if absorbing else None
+        self.register_buffer("nu_absorbing_target", torch.zeros(()) if absorbing else None)
         for name in ("nu", "mixer"):
             target = copy.deepcopy(getattr(self, name)).requires_grad_(False)
             setattr(self, name + "_target", target)
@@ -409,7 +451,8 @@ class ComaDICE(nn.Module):
     def optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
         """Adam for q and the mixer (Eq. 9), for nu (Eq. 10), for the policies (Eq. 11)."""
         return {"q": _adam([*self.q.parameters(), *self.mixer.parameters()], lr),
-                "nu": _adam([*self.nu.parameters(), self.lambda_v], lr),
+                "nu": _adam([*self.nu.parameters(), self.lambda_v]
+                            + ([self.nu_absorbing] if self.nu_absorbing is not None else []), lr),
                 "policy": _adam([*self.policy.parameters(), self.lambda_e], lr)}
 
 
@@ -430,7 +473,7 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> None:
 
 
 def update(model: ComaDICE, opts: dict[str, torch.optim.Optimizer], batch: dict[str, torch.Tensor],
-           init: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
+           init: dict[str, torch.Tensor], args: Args, share: float = 0.0) -> dict[str, torch.Tensor]:
     """One update: the Q step (Eq. 9), the nu step (Eq. 10), the policy step (Eq. 11), targets.
 
     Returns detached statistics (tensors: no host synchronisation here)."""
@@ -442,6 +485,8 @@ def update(model: ComaDICE, opts: dict[str, torch.optim.Optimizer], batch: dict[
     with torch.no_grad():
         target = batch["reward"] + gamma * not_done * mix(model.mixer_target(batch["next_state"]),
                                                           model.nu_target(batch["next_obs"]).squeeze(-1))
+        if model.nu_absorbing is not None:  # --data-distribution discounted: an end bootstraps the absorbing value
+            target = target + gamma * (1 - not_done) * model.nu_absorbing_target
     p_all = model.mixer(torch.cat([batch["state"], batch["next_state"], init["state"]]))  # one pass, 3 uses
     sizes = [n_b, n_b, init["state"].shape[0]]
     p, p_next, p_init = zip(*(t.split(sizes) for t in p_all))  # mixer parameters at s, s', s0
@@ -453,7 +498,8 @@ def update(model: ComaDICE, opts: dict[str, torch.optim.Optimizer], batch: dict[
 
     # Eq. 10: nu (the mixer and q as they were at the start of this update; not trained here)
     if args.nu_loss == "dice":
-        loss_nu, adv = nu_loss(p, p_next, p_init, q, nu, nu_next, nu_init, not_done, gamma, alpha, f)
+        loss_nu, adv = nu_loss(p, p_next, p_init, q, nu, nu_next, nu_init, not_done, gamma, alpha, f,
+                               model.nu_absorbing, share)
         w_nu = w_star(adv / alpha, f)
     else:
         loss_nu, adv = nu_loss_reference(p[0], q, nu, batch["first"], model.lambda_v, gamma, alpha, f)
@@ -475,7 +521,10 @@ def update(model: ComaDICE, opts: dict[str, torch.optim.Optimizer], batch: dict[
         for name in ("nu", "mixer"):
             for tp, sp in zip(getattr(model, name + "_target").parameters(), getattr(model, name).parameters()):
                 tp.lerp_(sp, args.tau)
-        return {"losses/q": loss_q.detach(), "losses/nu": loss_nu.detach(), "losses/policy": loss_pi.detach(),
+        if model.nu_absorbing is not None:
+            model.nu_absorbing_target.lerp_(model.nu_absorbing, args.tau)
+        extra = {} if model.nu_absorbing is None else {"charts/nu_absorbing": model.nu_absorbing.detach()}
+        return {**extra, "losses/q": loss_q.detach(), "losses/nu": loss_nu.detach(), "losses/policy": loss_pi.detach(),
                 "charts/w_mean": w_nu.mean(), "charts/w_max": w_nu.max(),
                 "charts/w_small_frac": (w_nu < 1e-2).float().mean(),
                 "charts/bc_weight_mean": weights.mean(), "charts/bc_weight_max": weights.max(),
@@ -517,7 +566,7 @@ def dims_of(dataset) -> dict[str, Any]:
 
 def build_model(dims: dict[str, Any], args: Args) -> ComaDICE:
     return ComaDICE(dims, (args.hidden, args.hidden), args.mixer_hidden, args.mixer_layers,
-                    args.mixer_embed, args.action_scale)
+                    args.mixer_embed, args.action_scale, absorbing=args.data_distribution == "discounted")
 
 
 def main(args: Args) -> dict[str, Any]:
@@ -529,7 +578,11 @@ def main(args: Args) -> dict[str, Any]:
     run = Run(args, "comadice", positive=("alpha", "action_scale", "mixer_embed"), nonneg=("weight_clip",),
               checks=((args.mixer_layers == 1 or not (args.reference_code or args.nu_loss == "reference"
                                                      or args.policy_weights == "per-agent"),
-                       "the reference code's nu step and weights need the one-layer mixer (--mixer-layers 1)"),))
+                       "the reference code's nu step and weights need the one-layer mixer (--mixer-layers 1)"),
+                      (args.data_distribution == "rows" or not (args.reference_code or args.ignore_terminal
+                                                                or args.nu_loss == "reference"),
+                       "--data-distribution discounted goes with the dice nu step and the data's terminals "
+                       "(not with --reference-code, --nu-loss reference or --ignore-terminal)")))
     dataset, env = run.load_data()
     args = run.args = apply_reference_code(args, dataset.meta.get("env", args.env), dataset.discrete)
     if args.policy_weights == "per-agent" and args.mixer_layers != 1:
@@ -547,10 +600,18 @@ def main(args: Args) -> dict[str, Any]:
     r_max = float(np.abs(np.asarray(dataset.arrays["reward"])).max(initial=0.0))
     value_bound = 10.0 * (r_max + args.alpha) / (1.0 - args.gamma)
     run.bound({"charts/q_target_mean": value_bound, "charts/nu_tot_init": value_bound})
+    row_prob, ends, share = None, None, 0.0
+    if args.data_distribution == "discounted":  # rows drawn from d^D; every episode's end is absorbing
+        prob, share = discounted_occupancy(dataset, args.gamma)
+        row_prob = torch.as_tensor(prob, dtype=torch.float32, device=run.device)
+        ends = torch.as_tensor(episode_ends(dataset), device=run.device)
     step = run.compile(update)  # torch.compile with --compile
     while run.training:
         with run.autocast():  # bfloat16 matmuls with --precision bf16
-            stats = step(model, opts, dataset.sample(args.batch_size), dataset.sample_initial(args.batch_size), args)
+            batch = dataset.sample(args.batch_size, weights=row_prob)
+            if ends is not None:
+                batch["done"] = torch.index_select(ends, 0, batch["rows"])
+            stats = step(model, opts, batch, dataset.sample_initial(args.batch_size), args, share)
         run.record(stats)
     return run.finish()
 

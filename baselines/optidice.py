@@ -24,6 +24,7 @@ Discrete and continuous actions.
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -106,7 +107,13 @@ class Args:
     """width of the two hidden layers of nu and of each agent's policy"""
     absorbing_horizon: int = 0
     """episodes that end for real continue in an absorbing state up to this many steps (0 = the episode
-    limit the data was recorded with, from its meta, else its longest episode)"""
+    limit the data was recorded with, from its meta, else its longest episode); --data-distribution rows"""
+    data_distribution: Literal["rows", "discounted"] = "rows"
+    """d^D of the LP. rows: every transition alike, true terminals continued in the absorbing state up to
+    --absorbing-horizon, time-limit cuts bootstrap (the paper's practice). discounted: the behaviour's
+    discounted occupancy of the recorded episodes: each episode weighs alike, its step t (1 - gamma)
+    gamma^t, and every episode's end (true terminal or time limit) leads to the absorbing state, which
+    gets the rest (docs/baselines.md#optidice)"""
 
 
 # ============================================================ pure functions
@@ -148,6 +155,28 @@ def absorbing_fraction(dataset, horizon: int) -> float:
     terminated = np.asarray(dataset.terminal)[es[1:] - 2]
     n_abs = int(np.maximum(horizon - dataset.episode_lengths, 1)[terminated].sum())
     return n_abs / (n_abs + dataset.n_transitions)
+
+
+def discounted_occupancy(dataset, gamma: float) -> tuple[np.ndarray, float]:
+    """d^D as the behaviour's discounted occupancy (--data-distribution discounted).
+
+    Every episode weighs 1/E (the initial-state term samples episodes alike); its step t carries
+    (1 - gamma) gamma^t, and its end, a true terminal or the time limit alike, leads to the absorbing
+    state, which gets the remaining gamma^L. Then d^D meets the LP's flow constraints on the data
+    exactly (each step's mass is gamma times its predecessor's), so that without reward the optimum
+    is w = 1, the behaviour itself. Returns (probability of every transition, in the order of
+    ``transition_rows()``, summing to 1 - f; the absorbing share f)."""
+    lengths = np.asarray(dataset.episode_lengths).astype(np.int64)
+    t = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    prob = (1 - gamma) * gamma ** t.astype(np.float64) / lengths.size
+    return prob, float(np.mean(gamma ** lengths.astype(np.float64)))
+
+
+def episode_ends(dataset) -> np.ndarray:
+    """1.0 at the row of every episode's last transition, ``[n_rows]`` (index with a batch's ``rows``)."""
+    ends = np.zeros(dataset.n_rows, np.float32)
+    ends[np.asarray(dataset.episode_start)[1:] - 2] = 1.0
+    return ends
 
 
 def data_horizon(meta: dict, dataset, override: int = 0) -> int:
@@ -298,14 +327,21 @@ def main(args: Args) -> dict:
     opt_pi = torch.optim.Adam(policy.parameters(), lr=args.lr)
     opt_nu = torch.optim.Adam(nu.parameters(), lr=args.lr)
     act_fn = make_act_fn(policy, run.device, sample=args.eval_sample)
-    f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
+    if args.data_distribution == "discounted":  # sample rows from d^D; every episode end is absorbing
+        prob, f_abs = discounted_occupancy(dataset, args.gamma)
+        row_prob = torch.as_tensor(prob, dtype=torch.float32, device=run.device)
+        ends = torch.as_tensor(episode_ends(dataset), device=run.device)
+    else:
+        row_prob, ends = None, None
+        f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     B = args.batch_size
     run.start(dataset, env, act_fn, dims=dims, modules={"policy": policy, "nu": nu},
               optimizers={"policy": opt_pi, "nu": opt_nu})
 
     def update(b: dict[str, torch.Tensor], s0: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         v = nu(torch.cat([b["state"], b["next_state"], s0["state"]]))
-        e = advantage(b["reward"], v[:B], v[B:2 * B], b["done"], args.gamma, nu.absorbing)
+        done = b["done"] if ends is None else torch.index_select(ends, 0, b["rows"])
+        e = advantage(b["reward"], v[:B], v[B:2 * B], done, args.gamma, nu.absorbing)
         loss_nu = nu_loss(e, v[2 * B:], alpha, args.gamma, nu.absorbing, f_abs)  # Eq. 26 (log-mean-exp)
         opt_nu.zero_grad(set_to_none=True)
         loss_nu.backward()
@@ -322,7 +358,7 @@ def main(args: Args) -> dict:
     step = run.compile(update)  # torch.compile with --compile
     while run.training:
         with run.autocast():  # bfloat16 matmuls with --precision bf16
-            stats = step(dataset.sample(B), dataset.sample_initial(B), alpha_at(args, run.step))
+            stats = step(dataset.sample(B, weights=row_prob), dataset.sample_initial(B), alpha_at(args, run.step))
         run.record(stats)
     return run.finish()
 

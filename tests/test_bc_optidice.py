@@ -116,6 +116,70 @@ def test_optidice_nu_objective_is_shift_invariant_with_absorbing_state():
     assert loss(2.5) == pytest.approx(loss(0.0), abs=1e-5)
 
 
+def tabular_episodes(seed: int = 0, n_states: int = 5, limit: int = 8, episodes: int = 60):
+    """Random walks on a small MDP (the state is a one-hot): state n_states - 1 ends the episode for
+    real, the others run into the time limit. Returns the dataset and each row's state id."""
+    rng = np.random.default_rng(seed)
+    E, T = episodes, limit
+    ids = np.zeros((E, T + 1), np.int64)
+    lengths, terminated = np.full(E, T), np.zeros(E, bool)
+    for e in range(E):
+        ids[e, 0] = rng.integers(0, 2)
+        for t in range(T):
+            ids[e, t + 1] = rng.integers(0, n_states) if rng.random() < 0.5 else (ids[e, t] + 1) % n_states
+            if ids[e, t + 1] == n_states - 1:
+                lengths[e], terminated[e] = t + 1, True
+                break
+    onehot = np.eye(n_states, dtype=np.float32)[ids]
+    from common.data import OfflineDataset
+
+    ds = OfflineDataset.from_padded(obs=onehot[:, :, None], state=onehot, actions=np.zeros((E, T, 1), np.int64),
+                                    reward=np.zeros((E, T), np.float32), lengths=lengths, terminated=terminated,
+                                    avail=np.ones((E, T + 1, 1, 2), bool),
+                                    meta={"env": "toy", "task": "t", "discrete": True, "n_actions": 2})
+    return ds, np.asarray(ds.state).argmax(-1)
+
+
+def flow_residual(ds, state_id: np.ndarray, prob: np.ndarray, f: float, ends: np.ndarray, gamma: float) -> float:
+    """Largest violation of the LP's flow constraints by d^D on the data: for every state s,
+    sum of d^D over its rows = (1 - gamma) p0(s) + gamma * (d^D of the rows that lead to s), and for the
+    absorbing state (1 - gamma) f = gamma * (d^D of the rows that lead to it: those with ``ends``)."""
+    rows = ds.transition_rows().numpy()
+    n = state_id.max() + 1
+    out = np.bincount(state_id[rows], weights=prob, minlength=n)
+    first = ds.initial_rows().numpy()
+    inflow = (1 - gamma) * np.bincount(state_id[first], minlength=n) / first.size
+    inflow += gamma * np.bincount(state_id[rows + 1][ends[rows] == 0], weights=prob[ends[rows] == 0], minlength=n)
+    absorbing = (1 - gamma) * f - gamma * prob[ends[rows] > 0].sum()
+    return float(max(np.abs(out - inflow).max(), abs(absorbing)))
+
+
+def test_optidice_discounted_occupancy_meets_the_flow_constraints_and_rows_does_not():
+    """--data-distribution discounted makes d^D an occupancy of the data's own process (every episode
+    end absorbing): the flow constraints hold on the data to float precision, so that without reward
+    the LP's optimum is w = 1, the behaviour. The default (rows: every transition alike, true terminals
+    continued to the horizon, time-limit cuts bootstrapping) violates them, which is what tilts the
+    weights away from the behaviour on data that mixes terminals and time limits (docs)."""
+    import comadice  # the same d^D in ComaDICE's file
+
+    gamma = 0.9
+    ds, state_id = tabular_episodes()
+    assert 0 < (ds.episode_lengths < 8).sum() < ds.n_episodes  # both kinds of episode end
+    prob, f = OD.discounted_occupancy(ds, gamma)
+    ends = OD.episode_ends(ds)
+    assert prob.sum() + f == pytest.approx(1.0, abs=1e-12)
+    assert flow_residual(ds, state_id, prob, f, ends, gamma) < 1e-12
+    prob_c, f_c = comadice.discounted_occupancy(ds, gamma)
+    np.testing.assert_array_equal(prob_c, prob)
+    assert f_c == f and (comadice.episode_ends(ds) == ends).all()
+
+    f_rows = OD.absorbing_fraction(ds, 8)
+    uniform = np.full(ds.n_transitions, (1 - f_rows) / ds.n_transitions)
+    terminal = np.zeros(ds.n_rows)
+    terminal[np.asarray(ds.transition_rows())] = ds.transitions(ds.transition_rows())["done"].numpy()
+    assert flow_residual(ds, state_id, uniform, f_rows, terminal, gamma) > 0.01
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bc_continuous_recovers_a_linear_policy(seed):
     """Continuous BC: the Gaussian policy's mean matches a deterministic linear behaviour policy.
@@ -212,3 +276,13 @@ def test_smoke_train_evaluate_resume(tmp_path, fake_envs, script, name):
         assert acts.shape == (1, env.n_agents, env.act_dim) and np.abs(acts).max() <= 1
     out = mod.main(args(eval_only=True, checkpoint=str(tmp_path / "run")))
     assert math.isfinite(out["return_mean"])
+
+
+def test_optidice_discounted_data_distribution_trains_end_to_end(tmp_path):
+    """--data-distribution discounted: the main loop samples d^D and absorbs every episode end."""
+    path = collect.random_dataset("bridge", "hard", 6, env_options={"episode_limit": 12}, n_envs=2).save(tmp_path / "d")
+    out = OD.main(OD.Args(env="bridge", task="hard", quality="random", dataset=str(path), total_steps=20, batch_size=32,
+                          eval_every=20, eval_episodes=2, final_eval_episodes=2, hidden=8, device="cpu", eval_envs=2,
+                          data_distribution="discounted", run_dir=str(tmp_path / "run")))
+    assert math.isfinite(out["return_mean"])
+    assert load_checkpoint(tmp_path / "run")["args"]["data_distribution"] == "discounted"

@@ -422,3 +422,43 @@ def test_per_agent_weights_and_their_offset():
     np.testing.assert_allclose(weights, raw.clamp(max=2).sum(-1))  # clipped per agent, then summed
     (g,) = torch.autograd.grad(loss_lam, lam)
     assert float(g) == pytest.approx(1 - float(raw.mean()))  # the offset sees the unclipped weights
+
+
+def test_discounted_data_distribution_makes_the_behaviour_optimal_without_reward():
+    """--data-distribution discounted: with d^D the behaviour's discounted occupancy of the recorded
+    episodes (every end absorbing), nu = 0 (absorbing value 0 too) is a stationary point of the
+    well-posed Eq. 10 when the reward is zero, so by convexity it is the minimum and w* = 1 on every
+    row: the behaviour itself. With d^D = the rows (the paper's practice; true terminals bootstrap 0,
+    time-limit cuts bootstrap nu(s')) it is not. Exact: gamma = 1/2 makes every probability dyadic,
+    so a batch that repeats each row 2^(T - t) times has d^D as its uniform mean."""
+    from test_bc_optidice import tabular_episodes
+
+    gamma, alpha, f, T = 0.5, 1.0, "soft-chi2", 8
+    ds, sid = tabular_episodes(limit=T)
+    rows = ds.transition_rows()
+    start = np.repeat(np.asarray(ds.episode_start)[:-1], ds.episode_lengths)
+    prob, share = C.discounted_occupancy(ds, gamma)
+    reps = 2 ** (T - (rows.numpy() - start))
+    np.testing.assert_allclose(prob / prob.sum(), reps / reps.sum(), rtol=1e-12)
+    first = ds.initial_rows()
+
+    def grad_at_zero(batch_rows, not_done, absorbing):
+        table = torch.zeros(sid.max() + 1, dtype=torch.float64, requires_grad=True)
+        nu_abs = torch.zeros((), dtype=torch.float64, requires_grad=True) if absorbing else None
+        s, s2 = torch.as_tensor(sid[batch_rows]), torch.as_tensor(sid[batch_rows + 1])
+        nu, nu_next, nu_init = table[s][:, None], table[s2][:, None], table[torch.as_tensor(sid[first])][:, None]
+        with torch.no_grad():  # q at its Bellman target (Eq. 9 solved), reward 0
+            q = gamma * (not_done * table[s2] + (1 - not_done) * (nu_abs if absorbing else 0.0))
+        p = (torch.ones(len(batch_rows), 1, dtype=torch.float64), torch.zeros(len(batch_rows), dtype=torch.float64))
+        p0 = (torch.ones(len(first), 1, dtype=torch.float64), torch.zeros(len(first), dtype=torch.float64))
+        loss, adv = C.nu_loss(p, p, p0, q[:, None], nu, nu_next, nu_init, not_done, gamma, alpha, f,
+                              nu_abs, share if absorbing else 0.0)
+        loss.backward()
+        g = table.grad.abs().max().item()
+        return max(g, nu_abs.grad.abs().item()) if absorbing else g
+
+    ends = torch.as_tensor(C.episode_ends(ds), dtype=torch.float64)
+    batch = torch.repeat_interleave(rows, torch.as_tensor(reps))
+    assert grad_at_zero(batch, 1 - ends[batch], absorbing=True) < 1e-12
+    terminal = ds.transitions(rows)["done"].double()
+    assert grad_at_zero(rows, 1 - terminal, absorbing=False) > 1e-3

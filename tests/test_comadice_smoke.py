@@ -106,6 +106,7 @@ def check_run(run_dir: Path, steps: int, win_rate: bool = False):
 @pytest.mark.parametrize("family,task,extra", [
     ("matrix", "penalty_xor", {"mixer_layers": 2, "f_divergence": "kl"}),
     ("bridge", "hard", {"f_divergence": "chi2"}),
+    ("bridge", "hard", {"data_distribution": "discounted"}),
     ("mamujoco", "Hopper-3x1", {}),
     ("mamujoco", "Hopper-3x1", {"reference_code": True}),
     ("rware", "tiny-2ag", {}),
@@ -136,11 +137,13 @@ def test_smoke_every_family(family, task, extra, tmp_path, stand_ins):
         assert a.shape == (env.n_agents, env.act_dim) and np.abs(a).max() <= 1
 
 
-def test_resume_continues_bit_identically_and_eval_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize("data_distribution", ["rows", "discounted"])
+def test_resume_continues_bit_identically_and_eval_only(tmp_path, monkeypatch, data_distribution):
     monkeypatch.chdir(tmp_path)
     env = envs.make_env("matrix", "penalty_xor", episode_limit=20)
     path = rollout_dataset(env, episodes=8).save(tmp_path / "data")
-    kw = dict(env="matrix", task="penalty_xor", dataset=str(path), eval_every=40, eval_episodes=0, hidden=16)
+    kw = dict(env="matrix", task="penalty_xor", dataset=str(path), eval_every=40, eval_episodes=0, hidden=16,
+              data_distribution=data_distribution)
     C.main(small(total_steps=80, run_dir=str(tmp_path / "straight"), **kw))
     C.main(small(total_steps=40, **kw))  # runs/matrix__penalty_xor__test__comadice__0__<time>
     (first,) = list((tmp_path / "runs").iterdir())
