@@ -713,22 +713,37 @@ def specs_from_args(a: RunArgs) -> tuple[list[RunSpec], dict[str, Any]]:
     if not env:
         raise BenchmarkError("say which env (--env or the definition's env)")
     # [[grids]]: several sub-grids in one definition (e.g. every algorithm on one task, a few on
-    # the others); each may set its own algos (files of [algos]), tasks, qualities and seeds
+    # the others); each may set its own algos (files of [algos]), tasks, qualities and seeds.
+    # A command-line list narrows what a [[grids]] entry sets (its cells in that list; an entry left
+    # with none is skipped) and replaces what it leaves to the definition's top level.
+    def pick(key: str, cli: list, g: dict, default: list) -> list:
+        if key in g and cli:
+            return [x for x in g[key] if x in cli]
+        return list(cli or g.get(key) or default)
+
+    grids = d.get("grids") or [{}]
     specs, seen = [], set()
-    for g in d.get("grids") or [{}]:
-        g_algos = a.algos or g.get("algos") or algos
-        unknown = [x for x in g_algos if algos_def and x not in algos_def and not a.algos]
+    for g in grids:
+        g_algos = pick("algos", a.algos, g, algos)
+        unknown = [x for x in g.get("algos", []) if algos_def and x not in algos_def]
         if unknown:
             raise BenchmarkError(f"a [[grids]] entry names {unknown[0]}, which is not in [algos]")
         missing = [x for x in g_algos if not (REPO / x).is_file() and not Path(x).is_file()]
         if missing:
             raise BenchmarkError(f"no algorithm file {missing[0]}")
-        for s in expand_grid(g_algos, env, a.tasks or g.get("tasks") or d.get("tasks", []),
-                             a.qualities or g.get("qualities") or d.get("qualities", []),
-                             a.seeds or g.get("seeds") or d.get("seeds", [0, 1, 2, 3, 4]), extra, algo_args):
+        cells = (g_algos, pick("tasks", a.tasks, g, d.get("tasks", [])),
+                 pick("qualities", a.qualities, g, d.get("qualities", [])),
+                 pick("seeds", a.seeds, g, d.get("seeds", [0, 1, 2, 3, 4])))
+        if len(grids) > 1 and not all(cells):
+            continue  # the command line leaves this entry nothing to run
+        for s in expand_grid(cells[0], env, *cells[1:], extra, algo_args):
             if s.name not in seen:
                 seen.add(s.name)
                 specs.append(s)
+    if not specs:
+        wanted = ", ".join(f"--{k} {' '.join(map(str, v))}" for k, v in
+                           (("algos", a.algos), ("tasks", a.tasks), ("qualities", a.qualities), ("seeds", a.seeds)) if v)
+        raise BenchmarkError(f"no [[grids]] entry of {a.definition} has a cell with {wanted}")
     return specs, d
 
 

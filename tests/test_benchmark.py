@@ -305,6 +305,15 @@ def test_definition_with_sub_grids(tmp_path, algos):
     names = sorted((Path(s.algo).stem, s.task, s.quality, s.seed) for s in specs)
     assert len(names) == len(set(names)) == 2 * 2 + 2 * 2 * 2 - 2  # (b, hard, mix) is in both grids
     assert {n[:3] for n in names if n[0] == "fake_a"} == {("fake_a", "hard", "mix")}
+    # a command-line list narrows each entry to its cells in that list (it does not put the first
+    # entry's algorithms on the second entry's tasks); seeds, set by neither entry, are replaced
+    specs, _ = bm.specs_from_args(bm.RunArgs(definition=str(d), tasks=["easy"], seeds=[3]))
+    assert sorted((Path(s.algo).stem, s.task, s.quality, s.seed) for s in specs) == [
+        ("fake_b", "easy", "mix", 3), ("fake_b", "easy", "random", 3)]
+    specs, _ = bm.specs_from_args(bm.RunArgs(definition=str(d), algos=[algos[0]], qualities=["mix"]))
+    assert sorted((Path(s.algo).stem, s.task, s.seed) for s in specs) == [("fake_a", "hard", 0), ("fake_a", "hard", 1)]
+    with pytest.raises(bm.BenchmarkError, match="no \\[\\[grids\\]\\] entry .* --tasks medium"):
+        bm.specs_from_args(bm.RunArgs(definition=str(d), tasks=["medium"]))
     d.write_text(d.read_text().replace(f'algos = ["{algos[1]}"]', 'algos = ["other.py"]'))
     with pytest.raises(bm.BenchmarkError, match="not in \\[algos\\]"):
         bm.specs_from_args(bm.RunArgs(definition=str(d)))
