@@ -315,7 +315,10 @@ def load_policy(checkpoint: str, device: str = "cpu", sample: bool | None = None
 def main(args: Args) -> dict:
     if args.eval_only:
         return eval_only(args, "optidice", load_policy)
-    run = Run(args, "optidice", positive=("alpha",), nonneg=("alpha_end", "absorbing_horizon"))
+    run = Run(args, "optidice", positive=("alpha",), nonneg=("alpha_end", "absorbing_horizon"),
+              checks=((args.data_distribution == "rows" or args.absorbing_horizon == 0,
+                       "--absorbing-horizon applies to --data-distribution rows only (discounted gives the "
+                       "absorbing state the rest of each episode's discounted mass)"),))
     dataset, env = run.load_data()
     dataset.to(run.device).seed(args.seed)
     discrete = dataset.discrete

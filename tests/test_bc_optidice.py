@@ -286,3 +286,11 @@ def test_optidice_discounted_data_distribution_trains_end_to_end(tmp_path):
                           data_distribution="discounted", run_dir=str(tmp_path / "run")))
     assert math.isfinite(out["return_mean"])
     assert load_checkpoint(tmp_path / "run")["args"]["data_distribution"] == "discounted"
+
+
+def test_optidice_refuses_an_absorbing_horizon_with_the_discounted_data_distribution(tmp_path):
+    from common import OfflineMarlError
+
+    with pytest.raises(OfflineMarlError, match="--absorbing-horizon applies to --data-distribution rows only"):
+        OD.main(OD.Args(data_distribution="discounted", absorbing_horizon=100, run_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
