@@ -646,7 +646,10 @@ class RunArgs:
 class AggregateArgs:
     """Aggregate the runs under a folder into tables, a merged JSON and plots."""
 
-    root: str
+    root: str = ""
+    """Folder of the runs (default with --definition: benchmark_runs/<its name>)."""
+    definition: str = ""
+    """A benchmark definition: its root, table, plots, header and [paper] lines (flags override them)."""
     table: str = ""
     plots: str = ""
     reps: int = 2000
@@ -778,7 +781,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = tyro.extras.subcommand_cli_from_dict({"run": RunArgs, "aggregate": AggregateArgs}, args=argv)
         if isinstance(cmd, RunArgs):
             return main_run(cmd)
-        md, _ = write_outputs(cmd.root, cmd.table, cmd.plots, cmd.reps)
+        d = load_definition(cmd.definition) if cmd.definition else {}
+        if not (cmd.root or d):
+            raise BenchmarkError("aggregate needs --root (a folder of runs) or --definition")
+        root = cmd.root or REPO / "benchmark_runs" / d["name"]
+        md, _ = write_outputs(root, cmd.table or d.get("table", ""), cmd.plots or d.get("plots", ""), cmd.reps,
+                              header=d.get("header", ""), paper=d.get("paper"))
         print(md)
         return 0
 

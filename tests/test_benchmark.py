@@ -259,6 +259,28 @@ def test_paper_numbers_sit_under_ours(tmp_path):
     assert not any("optimal, paper" in x for x in lines)
 
 
+def test_aggregate_with_a_definition_keeps_its_header_and_paper_lines(tmp_path, capsys):
+    """`aggregate --definition` writes what the end of `run` writes: the definition's header and
+    [paper] lines, into its table; --root and --table override it; without either it is an error."""
+    for seed in range(2):
+        _write_run(tmp_path / "r", "b", seed, [2.0 + seed], curve=[2.0 + seed])
+    page = tmp_path / "page.md"
+    definition = tmp_path / "d.toml"
+    definition.write_text(f'name = "d"\nenv = "bridge"\ntable = "{page}"\nplots = "{tmp_path / "plots"}"\n'
+                          'header = "Our header."\n[paper]\n"hard/mix" = {b = "-1.29 ± 0.00"}\n')
+    assert bm.main(["aggregate", "--definition", str(definition), "--root", str(tmp_path / "r"), "--reps", "50"]) == 0
+    text = page.read_text()
+    assert text.startswith("Our header.\n") and "| bridge | hard | mix, paper | -1.29 ± 0.00 |" in text
+    other = tmp_path / "other.md"
+    bm.main(["aggregate", "--definition", str(definition), "--root", str(tmp_path / "r"), "--table", str(other),
+             "--reps", "50"])
+    assert other.read_text() == text
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        bm.main(["aggregate"])
+    assert "--root" in capsys.readouterr().err
+
+
 def test_definition_file_and_cli_dry_run(tmp_path, algos, capsys):
     d = tmp_path / "def.toml"
     d.write_text(textwrap.dedent(f'''
