@@ -143,7 +143,13 @@ class Args:
     """clip rho_i at this value before resampling (0 = no clip, as the paper; the official code uses 100)"""
     absorbing_horizon: int = 0
     """episodes that end for real continue in an absorbing state up to this many steps (0 = the episode
-    limit the data was recorded with, from its meta, else its longest episode)"""
+    limit the data was recorded with, from its meta, else its longest episode); --data-distribution rows only"""
+    data_distribution: Literal["rows", "discounted"] = "rows"
+    """d^D, the distribution of the LP's expectations over D. rows: every transition alike, true terminals
+    continue in the absorbing state (--absorbing-horizon), time-limit cuts bootstrap (the paper). discounted:
+    the behaviour's discounted occupancy of the recorded episodes: every episode alike, its step t
+    (1 - gamma) gamma^t, every episode end (terminal or time limit) leads to the absorbing state; the LP's
+    flow constraints then hold on the data (docs/alberdice.md, "d^D")"""
 
 
 # ============================================================ pure functions
@@ -185,12 +191,17 @@ def log_importance_ratios(logp_pi: torch.Tensor, logp_data_others: torch.Tensor,
     return log_rho
 
 
-def resampling_weights(log_rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def resampling_weights(log_rho: torch.Tensor, log_prob: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights proportional to rho (for drawing D_rho, Eq. 12) and log rho_bar = log mean rho,
-    both computed in log space so that large ratios cannot overflow."""
-    m = log_rho.max()
-    log_rho_bar = torch.logsumexp(log_rho, 0) - math.log(log_rho.numel())
-    return torch.exp(log_rho - m), log_rho_bar
+    both computed in log space so that large ratios cannot overflow. ``log_prob`` (the rows' log
+    probabilities under d^D, up to a constant; None: every row alike): weights proportional to
+    d^D(x) rho(x), rho_bar = E_{d^D}[rho]."""
+    if log_prob is not None:
+        log_rho_bar = torch.logsumexp(log_rho + log_prob, 0) - torch.logsumexp(log_prob, 0)
+        log_rho = log_rho + log_prob
+    else:
+        log_rho_bar = torch.logsumexp(log_rho, 0) - math.log(log_rho.numel())
+    return torch.exp(log_rho - log_rho.max()), log_rho_bar
 
 
 def absorbing_fraction(dataset, horizon: int) -> float:
@@ -201,6 +212,38 @@ def absorbing_fraction(dataset, horizon: int) -> float:
     terminated = np.asarray(dataset.terminal)[es[1:] - 2]
     n_abs = int(np.maximum(horizon - dataset.episode_lengths, 1)[terminated].sum())
     return n_abs / (n_abs + dataset.n_transitions)
+
+
+def discounted_occupancy(dataset, gamma: float) -> tuple[np.ndarray, float]:
+    """d^D as the behaviour's discounted occupancy (--data-distribution discounted).
+
+    Every episode weighs 1/E (the initial-state term samples episodes alike); its step t carries
+    (1 - gamma) gamma^t, and its end, a true terminal or the time limit alike, leads to the absorbing
+    state, which gets the remaining gamma^L. Then d^D meets the LP's flow constraints on the data
+    exactly (each step's mass is gamma times its predecessor's), so that without reward the optimum
+    is the behaviour itself. Returns (probability of every transition, in the order of
+    ``transition_rows()``, summing to 1 - f; the absorbing share f)."""
+    lengths = np.asarray(dataset.episode_lengths).astype(np.int64)
+    t = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    prob = (1 - gamma) * gamma ** t.astype(np.float64) / lengths.size
+    return prob, float(np.mean(gamma ** lengths.astype(np.float64)))
+
+
+def episode_ends(dataset) -> np.ndarray:
+    """1.0 at the row of every episode's last transition, ``[n_rows]`` (index with a batch's ``rows``)."""
+    ends = np.zeros(dataset.n_rows, np.float32)
+    ends[np.asarray(dataset.episode_start)[1:] - 2] = 1.0
+    return ends
+
+
+@dataclass
+class Occupancy:
+    """--data-distribution discounted on the device: every transition's probability under d^D (in the order
+    of ``transition_rows()``) and its log, and 1.0 at every episode's last row (where s' is the absorbing
+    state). None in place of one of these: the rows (the paper)."""
+    prob: torch.Tensor
+    log_prob: torch.Tensor
+    ends: torch.Tensor
 
 
 def _log_y(e_hat, alpha, gamma, log_rho_bar, nu_absorbing, absorbing_frac):
@@ -486,9 +529,11 @@ def own_last_nll(model: AlberDICE, b: dict) -> torch.Tensor:
     return -logp.gather(-1, a.unsqueeze(-1)).mean()
 
 
-def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | None, start: int = 0) -> None:
-    """Algorithm 1 line 1: behaviour cloning of pi_i^D (Eq. 44) and pi_{-i}^D (Eq. 45), all agents at once;
-    then (``--init-policy-from-data``) the policies start at pi_i^D."""
+def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | None, start: int = 0,
+                           occ: Occupancy | None = None) -> None:
+    """Algorithm 1 line 1: behaviour cloning of pi_i^D (Eq. 44) and pi_{-i}^D (Eq. 45), all agents at once,
+    on rows of d^D (``occ``; None: the rows alike); then (``--init-policy-from-data``) the policies start at
+    pi_i^D."""
     params = list(model.data_policy.parameters()) + list(model.ar.parameters())
     if model.own_last is not None:
         params += list(model.own_last.parameters())
@@ -497,7 +542,7 @@ def pretrain_data_policies(model: AlberDICE, dataset, args: Args, run: Run | Non
     bar = tqdm(range(start, args.pretrain_steps), desc="pretrain data policies", leave=False, dynamic_ncols=True,
                mininterval=2.0, disable=run is None)
     for step in bar:
-        b = dataset.sample(args.batch_size)
+        b = dataset.sample(args.batch_size, weights=None if occ is None else occ.prob)
         logp = model.data_logp(b["obs"], b["avail"], keep=b["actions"])  # [B, N, K]
         loss_d = -logp.gather(-1, b["actions"].unsqueeze(-1)).mean()  # Eq. 44, mean over agents
         cand = b["actions"][:, model.ar.others].unsqueeze(0)  # [1, B, N, N-1]: teacher forcing on the data
@@ -613,14 +658,18 @@ class RatioPool:
     stale: set
 
 
-def new_pool(dataset, args: Args, n_actions: int) -> RatioPool:
-    """Algorithm 1 line 4: the rows x ~ D on which this iteration's ratios are computed."""
+def new_pool(dataset, args: Args, n_actions: int, occ: Occupancy | None = None) -> RatioPool:
+    """Algorithm 1 line 4: the rows x ~ D (d^D: ``occ``; None: the rows alike) on which this iteration's
+    ratios are computed."""
     N, dev = dataset.n_agents, dataset.device
     trans = dataset.transition_rows()
     if not uses_pool(args, dataset):
         return RatioPool(None, None, torch.zeros(trans.numel(), N, device=dev), set(range(N)))
     M = max(args.rho_pool, args.batch_size)
-    pos = torch.randint(0, trans.numel(), (M,), device=trans.device, generator=dataset.generator)
+    if occ is None:
+        pos = torch.randint(0, trans.numel(), (M,), device=trans.device, generator=dataset.generator)
+    else:
+        pos = torch.multinomial(occ.prob, M, replacement=True, generator=dataset.generator)
     return RatioPool(pos, dataset.transitions(trans[pos]), torch.zeros(M, N, n_actions, device=dev), set(range(N)))
 
 
@@ -640,7 +689,8 @@ def refresh_pool(model: AlberDICE, dataset, pool: RatioPool, agents: list[int]) 
 
 
 @torch.no_grad()
-def resample(model: AlberDICE, dataset, i: int, args: Args, pool: RatioPool, logp_data_others: torch.Tensor) -> dict:
+def resample(model: AlberDICE, dataset, i: int, args: Args, pool: RatioPool, logp_data_others: torch.Tensor,
+             occ: Occupancy | None = None) -> dict:
     """Algorithm 1 lines 5-6 for agent i: the resampled batch D_rho_i (``x``), log rho_bar_i, a uniform batch
     of D for the I-projection (``u``), and the other agents' log-probabilities ``[B, N-1, K]`` at both.
 
@@ -648,7 +698,10 @@ def resample(model: AlberDICE, dataset, i: int, args: Args, pool: RatioPool, log
     from the pool with probability proportional to rho_i, rho_bar_i = the pool's mean of rho_i:
     rho_bar_P * mean_{D_rho} f estimates E_D[rho_i f] without bias for every f and every M (docs/alberdice.md),
     at a cost that does not depend on |D|. ``u``: B rows drawn uniformly from the pool.
-    Whole dataset: rho_i on every transition; ``x`` drawn from D, ``u`` uniformly from D."""
+    Whole dataset: rho_i on every transition; ``x`` drawn from D, ``u`` uniformly from D.
+    With ``occ`` (--data-distribution discounted) the pool is drawn from d^D (so the above holds with d^D
+    for D), and on the whole dataset ``x`` is drawn with probability proportional to d^D(x) rho_i(x),
+    rho_bar_i = E_{d^D}[rho_i], ``u`` from d^D."""
     B = args.batch_size
     oth = model.ar.others_list[i]
     refresh_pool(model, dataset, pool, oth)
@@ -660,15 +713,15 @@ def resample(model: AlberDICE, dataset, i: int, args: Args, pool: RatioPool, log
         log_rho = pool.logp[:, oth].sum(-1) - logp_data_others[:, i]  # Eq. 11
     if args.rho_max > 0:
         log_rho = log_rho.clamp(max=math.log(args.rho_max))
-    weights, log_rho_bar = resampling_weights(log_rho)
+    weights, log_rho_bar = resampling_weights(log_rho, None if occ is None or pool.x is not None else occ.log_prob)
     if pool.x is not None:
         pick = torch.multinomial(weights, B, replacement=True, generator=dataset.generator)
         upick = torch.randint(0, weights.numel(), (B,), device=weights.device, generator=dataset.generator)
-        x = {k: P[k][pick] for k in ("obs", "avail", "actions", "state", "next_state", "reward", "done")}
+        x = {k: P[k][pick] for k in ("obs", "avail", "actions", "state", "next_state", "reward", "done", "rows")}
         u = {k: P[k][upick] for k in ("obs", "avail", "actions", "state")}
         return dict(x=x, x_logp=lp[pick], u=u, u_logp=lp[upick], log_rho_bar=log_rho_bar, weights=weights)
     x = dataset.sample(B, weights=weights)  # drawn with probability proportional to rho_i (Eq. 12)
-    u = dataset.sample(B)
+    u = dataset.sample(B, weights=None if occ is None else occ.prob)
     return dict(x=x, x_logp=model.policy_logp(x["obs"], x["avail"], oth, keep=x["actions"]), u=u,
                 u_logp=model.policy_logp(u["obs"], u["avail"], oth, keep=u["actions"]), log_rho_bar=log_rho_bar,
                 weights=weights)
@@ -676,10 +729,10 @@ def resample(model: AlberDICE, dataset, i: int, args: Args, pool: RatioPool, log
 
 def agent_update(model: AlberDICE, opts: dict, dataset, i: int, pool: RatioPool, logp_data_others: torch.Tensor,
                  alpha: float, args: Args, gen: torch.Generator,
-                 absorbing_frac: float = 0.0) -> dict[str, torch.Tensor]:
-    """One best-response step of agent i (Algorithm 1 lines 5-7)."""
+                 absorbing_frac: float = 0.0, occ: Occupancy | None = None) -> dict[str, torch.Tensor]:
+    """One best-response step of agent i (Algorithm 1 lines 5-7); ``occ``: d^D discounted (None: the rows)."""
     B, g = args.batch_size, args.gamma
-    r = resample(model, dataset, i, args, pool, logp_data_others)
+    r = resample(model, dataset, i, args, pool, logp_data_others, occ)
     x, log_rho_bar, weights = r["x"], r["log_rho_bar"], r["weights"]
     s0 = dataset.sample_initial(B)  # D_0
     a_i = x["actions"][:, i]
@@ -691,7 +744,8 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, pool: RatioPool,
     nu_s = model.nu(torch.stack([x["state"], x["next_state"], s0["state"]])[None].flatten(1, 2), [i])[0, :, 0]
     nu, next_nu, nu0 = nu_s.view(3, B)
     nu_abs = model.nu_absorbing[i]
-    e_hat = advantage(x["reward"], kl, nu, next_nu, x["done"], alpha, g, nu_abs)
+    done = x["done"] if occ is None else torch.index_select(occ.ends, 0, x["rows"])  # s' absorbing
+    e_hat = advantage(x["reward"], kl, nu, next_nu, done, alpha, g, nu_abs)
     loss_nu = nu_loss_log_mean_exp(e_hat, nu0, alpha, g, log_rho_bar, nu_abs, absorbing_frac)
     opts["nu"].zero_grad(set_to_none=True)
     loss_nu.backward()
@@ -732,19 +786,19 @@ def agent_update(model: AlberDICE, opts: dict, dataset, i: int, pool: RatioPool,
 
 def train_iteration(model: AlberDICE, opts: dict, dataset, args: Args, step: int, pool: RatioPool | None,
                     logp_data_others: torch.Tensor, gen: torch.Generator,
-                    absorbing_frac: float = 0.0) -> tuple[RatioPool, list[dict]]:
+                    absorbing_frac: float = 0.0, occ: Occupancy | None = None) -> tuple[RatioPool, list[dict]]:
     """One iteration of Algorithm 1 (lines 3-8): every agent best-responds in turn, each against the
     other agents' current policies. ``pool``: the previous iteration's ratio rows (kept when they are the
     whole dataset; a pool is drawn anew; None: start). Returns the pool and per-agent losses."""
     alpha = alpha_at(args, step)
     N = dataset.n_agents
     if pool is None or pool.x is not None:
-        pool = new_pool(dataset, args, model.ar.K)  # line 4
+        pool = new_pool(dataset, args, model.ar.K, occ)  # line 4
     infos = []
     for i in range(N):
         for _ in range(args.inner_steps):
             infos.append(agent_update(model, opts, dataset, i, pool, logp_data_others, alpha, args, gen,
-                                      absorbing_frac))
+                                      absorbing_frac, occ))
         pool.stale.add(i)  # only agent i's policy changed during its turn
     return pool, infos
 
@@ -803,7 +857,10 @@ def main(args: Args) -> dict:
     if args.eval_only:
         return eval_only(args, "alberdice", load_policy)
     run = Run(args, "alberdice", positive=("alpha", "inner_steps", "kl_samples", "kl_samples_policy"),
-              nonneg=("alpha_end", "cql_alpha", "pretrain_steps", "rho_max", "rho_pool", "absorbing_horizon"))
+              nonneg=("alpha_end", "cql_alpha", "pretrain_steps", "rho_max", "rho_pool", "absorbing_horizon"),
+              checks=((args.data_distribution == "rows" or args.absorbing_horizon == 0,
+                       "--absorbing-horizon applies to --data-distribution rows only (discounted gives the "
+                       "absorbing state the rest of each episode's discounted mass)"),))
     dataset, env = run.load_data(check=check_discrete)
     dataset.to(run.device).seed(args.seed)
     N, K = dataset.n_agents, dataset.n_actions
@@ -815,17 +872,23 @@ def main(args: Args) -> dict:
     gen.manual_seed(args.seed + 1)
     act_fn = make_act_fn(model.policy, run.device, sample=args.eval_sample)
     run.start(dataset, env, act_fn, dims=dims, modules={"model": model}, optimizers=opts, generators={"kl": gen})
+    if args.data_distribution == "discounted":  # rows drawn from d^D; every episode end is absorbing
+        prob, f_abs = discounted_occupancy(dataset, args.gamma)
+        prob = torch.as_tensor(prob, dtype=torch.float32, device=run.device)
+        occ = Occupancy(prob, prob.log(), torch.as_tensor(episode_ends(dataset), device=run.device))
+    else:
+        occ = None
+        f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     if not run.progress.get("pretrained"):
-        pretrain_data_policies(model, dataset, args, run)
+        pretrain_data_policies(model, dataset, args, run, occ=occ)
         run.progress["pretrained"] = True
         run.pretraining_done()  # its time is not update time
     logp_data_others = dataset_log_probs(model, dataset, "ar")  # pi_{-i}^D is fixed after pretraining
-    f_abs = absorbing_fraction(dataset, data_horizon(dataset.meta, dataset, args.absorbing_horizon))
     pool = None  # the rows whose ratios rho_i an iteration's turns share (train_iteration)
     iteration = run.compile(train_iteration)  # torch.compile with --compile
     while run.training:
         with run.autocast():  # bfloat16 matmuls with --precision bf16
-            pool, infos = iteration(model, opts, dataset, args, run.step, pool, logp_data_others, gen, f_abs)
+            pool, infos = iteration(model, opts, dataset, args, run.step, pool, logp_data_others, gen, f_abs, occ)
         run.record({f"losses/{k}": torch.stack([d[k] for d in infos]).mean() for k in infos[0]}
                    | {"charts/alpha": alpha_at(args, run.step)})
     return run.finish()

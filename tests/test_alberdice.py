@@ -509,3 +509,116 @@ def test_greedy_evaluation_takes_the_most_probable_available_action():
     sampled.reseed(0)
     draws = np.stack([sampled(obs, None, avail) for _ in range(200)])
     assert avail[np.arange(6)[:, None], np.arange(3), draws].all() and len(np.unique(draws)) > 1
+
+
+# ------------------------------------------- --data-distribution discounted
+def test_discounted_data_distribution_makes_the_behaviour_optimal_without_reward():
+    """--data-distribution discounted: d^D the behaviour's discounted occupancy of the recorded episodes
+    (every end absorbing; the same d^D as OptiDICE's and ComaDICE's files). With zero reward, rho = 1 and
+    no KL (the policies at the data's), nu = 0 (absorbing value 0 too) is a stationary point of Eq. 31, so by
+    convexity its minimum, and the optimum is the behaviour. With the rows (true terminals continued to the
+    horizon, time-limit cuts bootstrapping nu(s'); the paper's practice) it is not. Exact: gamma = 1/2 makes
+    every probability dyadic, so a batch that repeats each row 2^(T - t) times has d^D as its mean."""
+    import comadice
+    from test_bc_optidice import tabular_episodes
+
+    gamma, alpha, T = 0.5, 1.0, 8
+    ds, sid = tabular_episodes(limit=T)
+    rows = ds.transition_rows()
+    prob, share = A.discounted_occupancy(ds, gamma)
+    prob_c, share_c = comadice.discounted_occupancy(ds, gamma)
+    np.testing.assert_array_equal(prob, prob_c)
+    assert share == share_c and (A.episode_ends(ds) == comadice.episode_ends(ds)).all()
+    start = np.repeat(np.asarray(ds.episode_start)[:-1], ds.episode_lengths)
+    reps = 2 ** (T - (rows.numpy() - start))
+    np.testing.assert_allclose(prob / prob.sum(), reps / reps.sum(), rtol=1e-12)
+    first = torch.as_tensor(sid[ds.initial_rows()])
+
+    def grad_at_zero(batch_rows, done, absorbing_frac):
+        table = torch.zeros(sid.max() + 1, dtype=torch.float64, requires_grad=True)
+        nu_abs = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        s, s2 = torch.as_tensor(sid[batch_rows]), torch.as_tensor(sid[batch_rows + 1])
+        e_hat = A.advantage(torch.zeros(len(batch_rows), dtype=torch.float64), torch.zeros((), dtype=torch.float64),
+                            table[s], table[s2], done, alpha, gamma, nu_abs)
+        A.nu_loss_log_mean_exp(e_hat, table[first], alpha, gamma, 0.0, nu_abs, absorbing_frac).backward()
+        return max(table.grad.abs().max().item(), nu_abs.grad.abs().item())
+
+    ends = torch.as_tensor(A.episode_ends(ds), dtype=torch.float64)
+    batch = torch.repeat_interleave(rows, torch.as_tensor(reps))
+    assert grad_at_zero(batch, ends[batch], share) < 1e-12
+    terminal = ds.transitions(rows)["done"].double()
+    assert grad_at_zero(rows, terminal, A.absorbing_fraction(ds, T)) > 1e-3
+
+
+def test_resampling_under_the_discounted_data_distribution_estimates_its_expectation():
+    """The whole-dataset path with d^D discounted: rows drawn with probability proportional to
+    d^D(x) rho(x) and rho_bar = E_{d^D}[rho] make rho_bar * mean_{D_rho} f an estimate of E_{d^D}[rho f]
+    (exactly, in expectation over the draw); the pool path draws its rows from d^D."""
+    ds = random_dataset(episodes=40, seed=1).to("cpu").seed(0)
+    prob, _ = A.discounted_occupancy(ds, 0.9)
+    p = torch.as_tensor(prob)
+    g = torch.Generator().manual_seed(0)
+    log_rho = 1.5 * torch.randn(ds.n_transitions, generator=g, dtype=torch.float64) + 3.0
+    weights, log_rho_bar = A.resampling_weights(log_rho, p.log())
+    f = ds.transitions(ds.transition_rows())["reward"].double()
+    target = (p * log_rho.exp() * f).sum() / p.sum()  # E_{d^D}[rho f]
+    est = math.exp(log_rho_bar.item()) * (weights * f).sum() / weights.sum()  # the draw's expectation
+    assert est.item() == pytest.approx(target.item(), rel=1e-10)
+    assert math.exp(log_rho_bar.item()) == pytest.approx(((p * log_rho.exp()).sum() / p.sum()).item(), rel=1e-10)
+    # the pool: its rows follow d^D (early steps of every episode over-represented against the rows)
+    occ = A.Occupancy(p.float(), p.float().log(), torch.as_tensor(A.episode_ends(ds)))
+    args = A.Args(batch_size=8, rho_pool=ds.n_transitions - 1)
+    assert A.uses_pool(args, ds)
+    first = np.mean([A.new_pool(ds, args, 3, occ).x["first"].float().mean().item() for _ in range(100)])
+    expect = (p * ds.transitions(ds.transition_rows())["first"].double()).sum().item() / p.sum().item()
+    assert first == pytest.approx(expect, abs=0.01)
+    assert abs(expect - ds.n_episodes / ds.n_transitions) > 0.05
+
+
+def test_discounted_data_distribution_trains_and_resumes(tmp_path):
+    """--data-distribution discounted end to end (a pool, and the whole dataset): 2 + resumed 2 iterations
+    give exactly the parameters of 4; --absorbing-horizon with it is refused before the run starts."""
+    path = collect.random_dataset("bridge", "hard", 6, env_options={"episode_limit": 12}, n_envs=2).save(tmp_path / "data")
+    for pool in (32, 0):
+        kw = dict(data_distribution="discounted", rho_pool=pool)
+        A.main(smoke_args(tmp_path, path, "bridge", "hard", run_dir=str(tmp_path / f"full{pool}"), **kw))
+        A.main(smoke_args(tmp_path, path, "bridge", "hard", total_steps=2, run_dir=str(tmp_path / f"r{pool}"), **kw))
+        A.main(smoke_args(tmp_path, path, "bridge", "hard", resume=True, run_dir=str(tmp_path / f"r{pool}"), **kw))
+        a, b = load_checkpoint(tmp_path / f"full{pool}"), load_checkpoint(tmp_path / f"r{pool}")
+        assert a["args"]["data_distribution"] == "discounted" and a["step"] == b["step"] == 4
+        for k in a["modules"]["model"]:
+            torch.testing.assert_close(a["modules"]["model"][k], b["modules"]["model"][k], rtol=0, atol=0, msg=k)
+    with pytest.raises(OfflineMarlError, match="--absorbing-horizon applies to --data-distribution rows only"):
+        A.main(smoke_args(tmp_path, path, "bridge", "hard", data_distribution="discounted", absorbing_horizon=50,
+                          run_dir=str(tmp_path / "refused")))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_discounted_data_distribution_reaches_the_update(monkeypatch):
+    """The wiring of --data-distribution discounted in one best-response step: on data cut only by the time
+    limit (no true terminal) the rows never end an episode for the advantage, d^D ends one at every
+    episode's last row; and the whole-dataset path draws its I-projection rows from d^D."""
+    rng = np.random.default_rng(0)
+    E, T, N, K = 30, 5, 2, 3
+    ds = OfflineDataset.from_padded(
+        obs=rng.normal(size=(E, T + 1, N, 4)).astype(np.float32), state=rng.normal(size=(E, T + 1, 5)).astype(np.float32),
+        actions=rng.integers(0, K, size=(E, T, N)), reward=np.zeros((E, T), np.float32), lengths=np.full(E, T),
+        terminated=np.zeros(E, bool), meta={"env": "toy", "task": "t", "discrete": True, "n_actions": K}).seed(0)
+    prob, f = A.discounted_occupancy(ds, 0.5)
+    p = torch.as_tensor(prob, dtype=torch.float32)
+    occ = A.Occupancy(p, p.log(), torch.as_tensor(A.episode_ends(ds)))
+    model = A.AlberDICE(N, ds.obs_dim, ds.state_dim, K, 8)
+    args = A.Args(batch_size=4000, rho_pool=0, gamma=0.5)
+    lpo = A.dataset_log_probs(model, ds, "ar")
+    seen = []
+    real = A.advantage
+    monkeypatch.setattr(A, "advantage", lambda *a: seen.append(a[4].clone()) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    for o in (None, occ):
+        A.agent_update(model, A.make_optimizers(model, 1e-3), ds, 0, A.new_pool(ds, args, K, o), lpo, 1.0, args,
+                       gen, f if o else 0.0, o)
+    assert seen[0].sum() == 0 and 0 < seen[1].mean() < 1
+    # rows drawn with d^D x rho: the last rows (step 4 of 5) are rare under d^D (gamma^4 / sum), not 1/5
+    assert seen[1].mean().item() == pytest.approx(0.5 ** 4 / sum(0.5 ** t for t in range(T)), abs=0.03)
+    u = A.resample(model, ds, 0, args, A.new_pool(ds, args, K, occ), lpo, occ)["u"]
+    assert u["first"].float().mean().item() == pytest.approx(1 / sum(0.5 ** t for t in range(T)), abs=0.03)
