@@ -423,12 +423,16 @@ def _fmt(x: float, digits: int) -> str:
 
 
 def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: int = 3,
-                    paper: dict[str, dict[str, str]] | None = None) -> str:
+                    paper: dict[str, dict[str, str]] | None = None, by_algorithm: Sequence[str] = ()) -> str:
     """Markdown: a summary table (final mean ± standard error, one column per algorithm),
     a detailed table, and probability-of-improvement tables per env. ``paper`` (a definition's
     ``[paper]``: quality, or task/quality, -> algorithm name -> the published number as text) adds
-    a "paper" line under each of our lines it names."""
+    a "paper" line under each of our lines it names. ``by_algorithm`` (a definition's list of
+    qualities) adds, first, one table per quality shaped as papers print them: an algorithm per row,
+    a task per column, and beside a task the published numbers where ``paper`` names them."""
     lines = []
+    for quality in by_algorithm:
+        lines += _by_algorithm_table(stats, quality, paper or {}, digits)
     algos = sorted({s.algo for s in stats})
     rows = sorted({(s.env, s.task, s.quality) for s in stats})
     by = {(s.env, s.task, s.quality, s.algo): s for s in stats}
@@ -481,6 +485,34 @@ def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: i
                 row.append(f"{p:.2f}")
             lines.append(f"| {a} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _by_algorithm_table(stats: list[GroupStats], quality: str, paper: dict[str, dict[str, str]],
+                        digits: int) -> list[str]:
+    mine = [s for s in stats if s.quality == quality]
+    if not mine:
+        return []
+    by = {(s.task, s.algo): s for s in mine}
+    tasks = sorted({s.task for s in mine})
+    published = {t: paper.get(f"{t}/{quality}", paper.get(quality)) for t in tasks}
+    algos = sorted({s.algo for s in mine} | {a for t in tasks for a in (published[t] or {})})
+    head, rule = ["algorithm"], ["---"]
+    for t in tasks:
+        head.append(t)
+        if published[t]:
+            head.append(f"{t}, paper")
+    rows = []
+    for a in algos:
+        cells = [a]
+        for t in tasks:
+            s = by.get((t, a))
+            cells.append("" if s is None else f"{_fmt(s.final_mean, digits)} ± {_fmt(s.final_se, digits)} (n={s.n})")
+            if published[t]:
+                cells.append(published[t].get(a, ""))
+        rows.append("| " + " | ".join(cells) + " |")
+    return [f"Final evaluation return on `{quality}`, mean ± standard error over seeds (n = seeds), one "
+            "algorithm per row" + (", the published numbers beside ours" if any(published.values()) else "") + ".",
+            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""]
 
 
 def merged_metrics(records: list[RunRecord]) -> dict[str, Any]:
@@ -586,7 +618,8 @@ def write_table_file(path: str | Path, md: str) -> None:
 
 
 def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int = 2000,
-                  header: str = "", paper: dict[str, dict[str, str]] | None = None) -> tuple[str, list[GroupStats]]:
+                  header: str = "", paper: dict[str, dict[str, str]] | None = None,
+                  by_algorithm: Sequence[str] = ()) -> tuple[str, list[GroupStats]]:
     """Aggregate every run under ``root``: ``<root>/results.md``, ``<root>/metrics.json``
     (merged marl-eval), plots in ``plots`` (default ``<root>/plots``); ``table`` also
     receives the Markdown (between its markers, if it has them: ``write_table_file``)."""
@@ -595,7 +628,7 @@ def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int 
     if not records:
         raise BenchmarkError(f"no finished evaluations under {root}")
     stats = aggregate(records, reps=reps)
-    md = (header + "\n\n" if header else "") + markdown_tables(stats, records, paper=paper)
+    md = (header + "\n\n" if header else "") + markdown_tables(stats, records, paper=paper, by_algorithm=by_algorithm)
     left_out = len(load_runs(root, include_unfinished=True)) - len(records)
     if left_out:
         md += f"\n{left_out} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
@@ -670,7 +703,8 @@ def load_definition(path: str | Path) -> dict[str, Any]:
 
 
 _DEFINITION_TYPES = {"name": str, "header": str, "grids": list, "env": str, "tasks": list, "qualities": list, "seeds": list, "extra": str,
-                     "table": str, "plots": str, "algos": dict, "workers": int, "threads": int, "paper": dict}
+                     "table": str, "plots": str, "algos": dict, "workers": int, "threads": int, "paper": dict,
+                     "by_algorithm": list}
 
 
 def _check_definition(d: dict[str, Any], path: Path) -> None:
@@ -697,6 +731,8 @@ def _check_definition(d: dict[str, Any], path: Path) -> None:
                     raise BenchmarkError(f"{path}: {key} must be a list of strings, got {where[key]!r}")
         if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in where.get("seeds", [])):
             raise BenchmarkError(f"{path}: seeds must be a list of non-negative integers, got {where['seeds']!r}")
+    if any(not isinstance(q, str) for q in d.get("by_algorithm", [])):
+        raise BenchmarkError(f"{path}: by_algorithm must be a list of qualities, got {d['by_algorithm']!r}")
     for cell, published in d.get("paper", {}).items():
         if not isinstance(published, dict) or any(not isinstance(v, str) for v in published.values()):
             raise BenchmarkError(f"{path}: [paper] maps a quality (or task/quality) to {{algorithm = \"number\"}}, "
@@ -763,7 +799,7 @@ def main_run(a: RunArgs) -> int:
     table = a.table or d.get("table", "")
     try:
         md, _ = write_outputs(root, table, a.plots or d.get("plots", ""), header=d.get("header", ""),
-                              paper=d.get("paper"))
+                              paper=d.get("paper"), by_algorithm=d.get("by_algorithm", []))
         print(md)
         if table:
             print(f"tables written to {table}")
@@ -786,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchmarkError("aggregate needs --root (a folder of runs) or --definition")
         root = cmd.root or REPO / "benchmark_runs" / d["name"]
         md, _ = write_outputs(root, cmd.table or d.get("table", ""), cmd.plots or d.get("plots", ""), cmd.reps,
-                              header=d.get("header", ""), paper=d.get("paper"))
+                              header=d.get("header", ""), paper=d.get("paper"), by_algorithm=d.get("by_algorithm", []))
         print(md)
         return 0
 

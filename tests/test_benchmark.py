@@ -151,11 +151,11 @@ class _Args:
     run_dir: str = ""
 
 
-def _write_run(root, algo, seed, finals, curve, quality="mix", win=None):
+def _write_run(root, algo, seed, finals, curve, quality="mix", win=None, task="hard"):
     """A run directory as the real ``Run`` writes it (config.json, metrics.json), with known numbers."""
-    args = _Args(quality=quality, seed=seed, run_dir=str(root / f"{algo}_{seed}"))
+    args = _Args(quality=quality, seed=seed, task=task, run_dir=str(root / f"{algo}_{seed}"))
     run = Run(args, algo, tensorboard=False)
-    run.start(SimpleNamespace(generator=torch.Generator(), meta={"env": "bridge", "task": "hard"}), None, None,
+    run.start(SimpleNamespace(generator=torch.Generator(), meta={"env": "bridge", "task": task}), None, None,
               dims={}, modules={})
     for k, v in enumerate(curve):
         run.log_eval(100 * (k + 1), dict(returns=[v], won=None, return_mean=v, return_std=0.0, length_mean=1.0))
@@ -257,6 +257,23 @@ def test_paper_numbers_sit_under_ours(tmp_path):
     ours = lines.index(next(x for x in lines if x.startswith("| bridge | hard | mix |")))
     assert lines[ours + 1] == "| bridge | hard | mix, paper |  | -1.29 ± 0.00 |"
     assert not any("optimal, paper" in x for x in lines)
+
+
+def test_by_algorithm_table_is_shaped_as_papers_print_them(tmp_path):
+    """by_algorithm = [quality]: one row per algorithm, one column per task, the published numbers in a
+    column beside each task that [paper] names (algorithms only the paper ran get a row too)."""
+    for seed in range(2):
+        _write_run(tmp_path / "r", "a", seed, [1.0 + seed], curve=[1.0 + seed])
+        _write_run(tmp_path / "r" / "easy", "a", seed, [4.0], curve=[4.0], task="easy")
+    md, _ = bm.write_outputs(tmp_path / "r", reps=50, by_algorithm=["mix"],
+                             paper={"hard/mix": {"a": "9.9 ± 0.1", "z": "7.0 ± 0.2"}})
+    lines = md.splitlines()
+    head = lines.index("| algorithm | easy | hard | hard, paper |")
+    assert lines[head + 2] == "| a | 4.000 ± 0.000 (n=2) | 1.500 ± 0.500 (n=2) | 9.9 ± 0.1 |"
+    assert lines[head + 3] == "| z |  |  | 7.0 ± 0.2 |"
+    assert head < lines.index(next(x for x in lines if x.startswith("| env | task | quality |")))
+    md, _ = bm.write_outputs(tmp_path / "r", reps=50, by_algorithm=["other"])
+    assert "| algorithm |" not in md
 
 
 def test_aggregate_with_a_definition_keeps_its_header_and_paper_lines(tmp_path, capsys):
