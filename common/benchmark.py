@@ -496,7 +496,7 @@ def _by_algorithm_table(stats: list[GroupStats], quality: str, paper: dict[str, 
     tasks = sorted({s.task for s in mine})
     published = {t: paper.get(f"{t}/{quality}", paper.get(quality)) for t in tasks}
     algos = sorted({s.algo for s in mine} | {a for t in tasks for a in (published[t] or {})})
-    head, rule = ["algorithm"], ["---"]
+    head = ["algorithm"]
     for t in tasks:
         head.append(t)
         if published[t]:
