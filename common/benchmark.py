@@ -361,11 +361,18 @@ def bootstrap_ci(scores: np.ndarray, statistic: str = "iqm", reps: int = 2000, c
     x = np.asarray(scores, dtype=np.float64)
     x = x.reshape(len(x), -1)
     fn = rmetrics.aggregate_iqm if statistic == "iqm" else rmetrics.aggregate_mean
-    with warnings.catch_warnings():  # arch deprecates the RandomState argument rliable passes on
-        warnings.simplefilter("ignore", FutureWarning)
-        point, interval = rly.get_interval_estimates({"x": x}, lambda s: np.array([fn(s)]), reps=reps,
-                                                     confidence_interval_size=ci,
-                                                     random_state=np.random.RandomState(seed))
+    # the resamples also draw from numpy's global generator (measured: the interval moved with its state),
+    # so it is seeded here and restored after: the same runs give the same table in any process
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():  # arch deprecates the RandomState argument rliable passes on
+            warnings.simplefilter("ignore", FutureWarning)
+            point, interval = rly.get_interval_estimates({"x": x}, lambda s: np.array([fn(s)]), reps=reps,
+                                                         confidence_interval_size=ci,
+                                                         random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(saved)
     return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
 
 

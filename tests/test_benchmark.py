@@ -214,6 +214,19 @@ def test_bootstrap_ci_covers_true_mean():
     assert hits / trials >= 0.85
 
 
+def test_bootstrap_ci_does_not_depend_on_numpys_global_generator():
+    """The same scores give the same interval whatever numpy's global generator holds (rliable's
+    resampling draws from it too), and the caller's generator state is left as it was."""
+    x = np.array([1.84, 1.12, 1.52, 1.68, 1.32])
+    np.random.seed(1)
+    first = bm.bootstrap_ci(x, reps=300)
+    np.random.seed(5)
+    np.random.rand(7)
+    before = np.random.get_state()[1].copy()
+    assert bm.bootstrap_ci(x, reps=300) == first
+    assert (np.random.get_state()[1] == before).all()
+
+
 def test_outputs_tables_json_and_plots(tmp_path):
     for seed in range(3):
         _write_run(tmp_path / "r", "a", seed, [1.0 + seed], curve=[0.0, 1.0 + seed])
