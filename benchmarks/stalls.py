@@ -75,7 +75,10 @@ def loop_start(states: list[bytes], max_period: int, window: int) -> tuple[int, 
 
 
 def algo_file(run_dir: Path) -> Path:
-    name = json.loads((run_dir / "config.json").read_text())["algo"]
+    config = run_dir / "config.json"
+    if not config.is_file() or not (run_dir / "checkpoints" / "latest.pt").is_file():
+        raise SystemExit(f"{run_dir} is not a run directory (it needs config.json and checkpoints/latest.pt)")
+    name = json.loads(config.read_text()).get("algo", "")
     for f in (ROOT / f"{name}.py", ROOT / "baselines" / f"{name}.py"):
         if f.exists():
             return f
@@ -128,11 +131,12 @@ def main(args: Args) -> None:
         raise SystemExit(f"--modes takes greedy and/or sample, got {' '.join(args.modes)}")
     if not args.runs:
         raise SystemExit("name at least one run directory")
+    files = {run: algo_file(Path(run)) for run in args.runs}  # every run checked before any work
     print("| run | mode | return | episodes ending in a loop | loop starts (median step) | last reward (median step) |")
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         run_dir = Path(run)
-        mod = load_module(algo_file(run_dir))
+        mod = load_module(files[run])
         for mode in args.modes:
             try:
                 act = mod.load_policy(str(run_dir / "checkpoints" / "latest.pt"), sample=mode == "sample")

@@ -51,3 +51,10 @@ def test_a_shuttling_policy_loops_and_a_random_one_does_not():
     rng = np.random.default_rng(0)
     res = stalls.play(lambda o, s, a: rng.integers(0, 5, (1, 2)), env, 3, 0, max_period=5, window=20)
     assert res["looped"] == 0 and res["start"] is None
+
+
+def test_a_folder_that_is_not_a_run_is_refused_in_one_sentence(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="is not a run directory"):
+        load_stalls().main(load_stalls().Args(runs=(str(tmp_path),)))
