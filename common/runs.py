@@ -666,6 +666,11 @@ class Run:
         tuner's windows count updates only."""
         self.checkpoint()
         self._clock, self._log_time = time.perf_counter(), self._train_time
+        # the bar too: its rate and time left were the pre-training's (hours left at the first update)
+        done = self._bar.n
+        self._bar.reset(total=self.total)
+        self._bar.initial = self._bar.n = self._bar.last_print_n = done
+        self._bar.refresh()
         if self.tuner is not None:
             self.tuner.pause()
 

@@ -543,8 +543,19 @@ def test_pretraining_time_is_not_update_time(file, bridge_data, tmp_path, monkey
         return original(*a, **kw)
 
     monkeypatch.setattr(owner, attr, slow)
+    from common.runs import Run
+
+    bar, finish = {}, Run.finish
+
+    def finish_and_read_the_bar(self, *a, **kw):
+        bar.update(self._bar.format_dict)
+        return finish(self, *a, **kw)
+
+    monkeypatch.setattr(Run, "finish", finish_and_read_the_bar)
     kw = {"bc_steps": 2} if file == "omcda.py" else {}
     t0 = time.perf_counter()
     done = mod.main(make_args(mod, bridge_data, tmp_path / "run", total_steps=3, eval_every=3, eval_episodes=0, **kw))
     assert time.perf_counter() - t0 > 2.0  # the slow phase ran
     assert done["steps"] == 3 and done["train_seconds"] < 1.0, done
+    # the progress bar's clock too (else its rate and time left are the pre-training's)
+    assert bar["n"] == 3 and bar["initial"] == 0 and bar["elapsed"] < 1.0, bar
