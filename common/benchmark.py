@@ -803,13 +803,20 @@ def main_run(a: RunArgs) -> int:
         return 0
     results = run_grid(specs, root, a.backend, a.workers, a.threads, a.slurm, a.ray_address, a.ray_gpus)
     print(report(results))
-    table = a.table or d.get("table", "")
+    # --extra replaces the definition's flags: these runs are a variant (a control, another device),
+    # not its grid, so its page and plots are left as they are unless --table / --plots name them
+    own = not (a.extra and d)
+    table = a.table or (d.get("table", "") if own else "")
+    plots = a.plots or (d.get("plots", "") if own else "")
     try:
-        md, _ = write_outputs(root, table, a.plots or d.get("plots", ""), header=d.get("header", ""),
+        md, _ = write_outputs(root, table, plots, header=d.get("header", ""),
                               paper=d.get("paper"), by_algorithm=d.get("by_algorithm", []))
         print(md)
         if table:
             print(f"tables written to {table}")
+        if not own and not a.table and d.get("table"):
+            print(f"--extra changes the definition's runs, so its table {d['table']} is left as it is: these "
+                  f"tables are in {root / 'results.md'} (--table writes them elsewhere too)")
     except BenchmarkError as e:
         print(f"nothing to aggregate yet: {e}")
     return 1 if any(r.status == "failed" for r in results) else 0

@@ -336,6 +336,36 @@ def test_definition_file_and_cli_dry_run(tmp_path, algos, capsys):
         bm.main(["run", "--definition", str(tmp_path / "nope.toml")])
 
 
+def test_a_run_with_other_flags_leaves_the_definitions_page_alone(tmp_path, algos, capsys):
+    """`run --definition D --extra ...` runs a variant of D's grid (a control at another alpha, say):
+    its tables go to <root>/results.md, not over D's page and plots, unless --table names a page."""
+    page, plots = tmp_path / "page.md", tmp_path / "plots"
+    d = tmp_path / "def.toml"
+    d.write_text(textwrap.dedent(f'''
+        name = "tiny"
+        env = "bridge"
+        tasks = ["hard"]
+        qualities = ["mix"]
+        seeds = [0]
+        extra = "--total-steps 200"
+        table = "{page}"
+        plots = "{plots}"
+        [algos]
+        "{algos[0]}" = []
+    '''))
+    page.write_text("the grid's page\n")
+    assert bm.main(["run", "--definition", str(d), "--root", str(tmp_path / "control"),
+                    "--extra=--total-steps 100"]) == 0
+    assert page.read_text() == "the grid's page\n" and not plots.exists()
+    assert "fake_a" in (tmp_path / "control" / "results.md").read_text()
+    assert "left as it is" in capsys.readouterr().out
+    assert bm.main(["run", "--definition", str(d), "--root", str(tmp_path / "control"),
+                    "--extra=--total-steps 100", "--table", str(tmp_path / "chosen.md")]) == 0
+    assert "fake_a" in (tmp_path / "chosen.md").read_text() and page.read_text() == "the grid's page\n"
+    assert bm.main(["run", "--definition", str(d), "--root", str(tmp_path / "grid")]) == 0
+    assert "fake_a" in page.read_text() and plots.is_dir()
+
+
 def test_definition_with_sub_grids(tmp_path, algos):
     """[[grids]]: every algorithm on one task, one of them on more; shared runs count once."""
     d = tmp_path / "def.toml"
