@@ -88,15 +88,17 @@ class RunSpec:
 
 def expand_grid(algos: Sequence[str], env: str, tasks: Sequence[str], qualities: Sequence[str],
                 seeds: Sequence[int], extra: Sequence[str] = (),
-                algo_args: dict[str, Sequence[str]] | None = None) -> list[RunSpec]:
+                algo_args: dict[str, Sequence[str]] | None = None, last: Sequence[str] = ()) -> list[RunSpec]:
     """Every (algorithm, task, quality, seed) combination, in that nesting order.
-    ``extra`` flags go to every run, ``algo_args[file]`` only to that algorithm's runs."""
+    ``extra`` flags go to every run, ``algo_args[file]`` only to that algorithm's runs (after
+    ``extra``: they win over it), ``last`` to every run after both (it wins over both)."""
     if not algos or not tasks or not qualities or not seeds:
         raise BenchmarkError("a grid needs at least one algorithm, task, quality and seed")
     algo_args = algo_args or {}
     specs = []
     for algo, task, quality, seed in itertools.product(algos, tasks, qualities, seeds):
-        specs.append(RunSpec(algo, env, task, quality, int(seed), tuple(extra) + tuple(algo_args.get(algo, ()))))
+        specs.append(RunSpec(algo, env, task, quality, int(seed),
+                             tuple(extra) + tuple(algo_args.get(algo, ())) + tuple(last)))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise BenchmarkError("two runs of the grid would share a directory (the same algorithm file twice?)")
@@ -661,7 +663,8 @@ class RunArgs:
     qualities: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     extra: str = ""
-    """Extra flags for every run, one string, e.g. "--total-steps 5000 --eval-every 1000"."""
+    """Extra flags for every run, one string, e.g. "--total-steps 5000 --eval-every 1000"; they come
+    after the definition's (its extra and each algorithm's flags) and win over them."""
     root: str = ""
     """Where the runs go (default: benchmark_runs/<definition name or 'grid'>)."""
     backend: Literal["local", "slurm", "ray"] = "local"
@@ -754,7 +757,9 @@ def specs_from_args(a: RunArgs) -> tuple[list[RunSpec], dict[str, Any]]:
     algos_def = d.get("algos", {})
     algos = a.algos or list(algos_def)
     algo_args = {k: shlex.split(v) if isinstance(v, str) else list(v) for k, v in algos_def.items()}
-    extra = shlex.split(a.extra) if a.extra else shlex.split(d.get("extra", ""))
+    # the definition's extra, then each algorithm's flags, then the command line's --extra: the
+    # last value of a flag wins, so --extra "--total-steps 1000" sets every run's budget
+    extra, last = shlex.split(d.get("extra", "")), shlex.split(a.extra)
     env = a.env or d.get("env", "")
     if not env:
         raise BenchmarkError("say which env (--env or the definition's env)")
@@ -782,7 +787,7 @@ def specs_from_args(a: RunArgs) -> tuple[list[RunSpec], dict[str, Any]]:
                  pick("seeds", a.seeds, g, d.get("seeds", [0, 1, 2, 3, 4])))
         if len(grids) > 1 and not all(cells):
             continue  # the command line leaves this entry nothing to run
-        for s in expand_grid(cells[0], env, *cells[1:], extra, algo_args):
+        for s in expand_grid(cells[0], env, *cells[1:], extra, algo_args, last):
             if s.name not in seen:
                 seen.add(s.name)
                 specs.append(s)

@@ -366,6 +366,26 @@ def test_a_run_with_other_flags_leaves_the_definitions_page_alone(tmp_path, algo
     assert "fake_a" in page.read_text() and plots.is_dir()
 
 
+def test_command_line_extra_comes_last_and_wins(tmp_path, algos, capsys):
+    """--extra on the command line is added after the definition's extra and each algorithm's flags,
+    so a budget given there is every run's budget (before, an algorithm's own --total-steps won)."""
+    d = tmp_path / "def.toml"
+    d.write_text(textwrap.dedent(f'''
+        name = "tiny"
+        env = "bridge"
+        tasks = ["hard"]
+        qualities = ["mix"]
+        seeds = [0]
+        extra = "--eval-episodes 3"
+        [algos]
+        "{algos[0]}" = "--total-steps 300"
+    '''))
+    assert bm.main(["run", "--definition", str(d), "--root", str(tmp_path / "r"), "--dry-run",
+                    "--extra=--total-steps 100"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[new]")]
+    assert line.endswith("--eval-episodes 3 --total-steps 300 --total-steps 100")
+
+
 def test_definition_with_sub_grids(tmp_path, algos):
     """[[grids]]: every algorithm on one task, one of them on more; shared runs count once."""
     d = tmp_path / "def.toml"
