@@ -1,0 +1,52 @@
+"""benchmarks/expert_agreement.py: the scripted LBF expert, played as the policy, agrees with itself
+at every step (its random tie-breaking included), and a uniform policy rarely does; with the
+expert's states the expert's actions are played whatever the policy asks."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lbforaging")
+
+from common.envs import make_env  # noqa: E402
+from common.scripted import LBFExpert  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("expert_agreement_bench", ROOT / "benchmarks" / "expert_agreement.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_expert_agrees_with_itself_and_a_uniform_policy_does_not():
+    tool = load_tool()
+    env = make_env("lbf", "8x8-2p-2f-coop")
+    me, rng = LBFExpert(), np.random.default_rng(1)
+    me.reset(env, rng)
+
+    def expert_policy(obs, state, avail):  # the expert itself, with its own tie-breaking
+        return np.asarray(me(env, obs[0], state[0], avail[0]))[None]
+
+    res = tool.agreement(expert_policy, env, 5, 100, "own", split=5, draws=64)
+    assert res["all"][0] == 1.0 and res["ret"] == pytest.approx(1.0)
+    assert res["early"][1] + res["late"][1] == res["all"][1] > 0
+
+    uni = np.random.default_rng(2)
+
+    def uniform(obs, state, avail):
+        return (uni.random(avail.shape) * avail).argmax(-1)
+
+    own = tool.agreement(uniform, env, 5, 100, "own", split=5)
+    assert own["all"][0] < 0.5 and own["ret"] < 1.0
+    # the expert's states: its actions are played (it collects all the food), the uniform policy is only asked
+    theirs = tool.agreement(uniform, env, 5, 100, "expert", split=5)
+    assert theirs["ret"] == pytest.approx(1.0) and theirs["all"][0] < 0.5
+    with pytest.raises(ValueError):
+        tool.agreement(uniform, env, 1, 100, "both", split=5)
