@@ -14,7 +14,8 @@ every agent it records whether the policy's action is one the expert (``common.s
 takes in that state: the expert breaks ties between equally short moves at random, so its actions
 at a state are the union of ``--draws`` of its choices there. ``own``: the policy's actions are
 played; ``expert``: the expert's are, while the policy is still asked at every step (a recurrent
-policy sees the same history it would see in the data). The fraction is the probability that a
+policy sees the observations it would see in the data; a decision transformer, which conditions on
+its own past actions, is refused there). The fraction is the probability that a
 sampling policy gives the expert's actions, estimated from its samples. Prints a Markdown table:
 run, states, return, agreement over all steps, over steps before ``--split`` and from it (with the
 number of agent-steps each).
@@ -75,6 +76,9 @@ def agreement(act, env, episodes: int, seed0: int, mode: str, split: int, draws:
     count, per agent and step, whether ``act``'s action is one of the expert's."""
     if mode not in ("own", "expert"):
         raise ValueError(f"mode is own or expert, got {mode}")
+    if mode == "expert" and hasattr(act, "observe_reward"):
+        raise ValueError("a policy conditioned on its own past actions and rewards (a decision transformer) "
+                         "cannot be asked along the expert's states: it would see actions that were not played")
     if hasattr(act, "reseed"):
         act.reseed(seed0)
     expert, rng = LBFExpert(), np.random.default_rng(seed0)
@@ -93,6 +97,8 @@ def agreement(act, env, episodes: int, seed0: int, mode: str, split: int, draws:
             hits["early" if t < split else "late"].extend(ok[np.arange(len(a)), a].tolist())
             play = a if mode == "own" else np.asarray(expert(env, obs, state, avail))
             obs, state, avail, r, term, trunc, _ = env.step(play)
+            if hasattr(act, "observe_reward"):  # a decision transformer's return-to-go
+                act.observe_reward(np.array([r], np.float32))
             ret += float(r)
             if term or trunc:
                 break
@@ -120,7 +126,11 @@ def main(args: Args) -> None:
             if act.meta.get("env") != "lbf":
                 raise SystemExit(f"{run_dir}: an {act.meta.get('env')} run; this compares with LBF's scripted expert")
             env = eval_env_for(act.meta, int(getattr(act.args, "eval_episode_limit", 0)))
-            res = agreement(act, env, args.episodes, eval_seed(int(act.args.seed)), mode, args.split, args.draws)
+            try:
+                res = agreement(act, env, args.episodes, eval_seed(int(act.args.seed)), mode, args.split, args.draws)
+            except ValueError as e:
+                print(f"| {run_dir.name} | {mode} | refused: {e} | | | |")
+                continue
 
             def cell(k):
                 f, n = res[k]

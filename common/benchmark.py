@@ -800,6 +800,13 @@ def specs_from_args(a: RunArgs) -> tuple[list[RunSpec], dict[str, Any]]:
 
 def main_run(a: RunArgs) -> int:
     specs, d = specs_from_args(a)
+    # --extra adds flags to the definition's: these runs are a variant of its grid (a control, another
+    # device), so they get their own folder, and its page and plots are left as they are unless
+    # --table / --plots name them (in its folder a finished run of the grid would be skipped as done)
+    variant = bool(a.definition and a.extra)
+    if variant and not a.root:
+        raise BenchmarkError(f"--extra changes the runs of {a.definition}: give them their own --root "
+                             f"(benchmark_runs/{d['name']} holds the definition's own runs)")
     root = Path(a.root or REPO / "benchmark_runs" / d["name"])
     if a.dry_run:
         for s in specs:
@@ -808,20 +815,17 @@ def main_run(a: RunArgs) -> int:
         return 0
     results = run_grid(specs, root, a.backend, a.workers, a.threads, a.slurm, a.ray_address, a.ray_gpus)
     print(report(results))
-    # --extra replaces the definition's flags: these runs are a variant (a control, another device),
-    # not its grid, so its page and plots are left as they are unless --table / --plots name them
-    own = not (a.extra and d)
-    table = a.table or (d.get("table", "") if own else "")
-    plots = a.plots or (d.get("plots", "") if own else "")
+    table = a.table or ("" if variant else d.get("table", ""))
+    plots = a.plots or ("" if variant else d.get("plots", ""))
     try:
         md, _ = write_outputs(root, table, plots, header=d.get("header", ""),
                               paper=d.get("paper"), by_algorithm=d.get("by_algorithm", []))
         print(md)
         if table:
             print(f"tables written to {table}")
-        if not own and not a.table and d.get("table"):
-            print(f"--extra changes the definition's runs, so its table {d['table']} is left as it is: these "
-                  f"tables are in {root / 'results.md'} (--table writes them elsewhere too)")
+        if variant and not a.table and d.get("table"):
+            print(f"--extra changes the definition's runs, so its table {d['table']} and plots are left as they "
+                  f"are: these tables are in {root / 'results.md'} (--table and --plots write them elsewhere too)")
     except BenchmarkError as e:
         print(f"nothing to aggregate yet: {e}")
     return 1 if any(r.status == "failed" for r in results) else 0

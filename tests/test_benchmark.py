@@ -354,11 +354,14 @@ def test_a_run_with_other_flags_leaves_the_definitions_page_alone(tmp_path, algo
         "{algos[0]}" = []
     '''))
     page.write_text("the grid's page\n")
+    with pytest.raises(SystemExit):  # in the definition's own folder its finished runs would be skipped as done
+        bm.main(["run", "--definition", str(d), "--extra=--total-steps 100", "--dry-run"])
+    assert "own --root" in capsys.readouterr().err
     assert bm.main(["run", "--definition", str(d), "--root", str(tmp_path / "control"),
                     "--extra=--total-steps 100"]) == 0
     assert page.read_text() == "the grid's page\n" and not plots.exists()
     assert "fake_a" in (tmp_path / "control" / "results.md").read_text()
-    assert "left as it is" in capsys.readouterr().out
+    assert "left as they are" in capsys.readouterr().out
     assert bm.main(["run", "--definition", str(d), "--root", str(tmp_path / "control"),
                     "--extra=--total-steps 100", "--table", str(tmp_path / "chosen.md")]) == 0
     assert "fake_a" in (tmp_path / "chosen.md").read_text() and page.read_text() == "the grid's page\n"
