@@ -131,6 +131,9 @@ def main(args: Args) -> None:
         raise SystemExit(f"--modes takes greedy and/or sample, got {' '.join(args.modes)}")
     if not args.runs:
         raise SystemExit("name at least one run directory")
+    if args.window <= args.max_period:  # no loop could be found: every episode would count as not looped
+        raise SystemExit(f"--window ({args.window}) must be longer than --max-period ({args.max_period}); "
+                         "for LBF's 50-step episodes, e.g. --window 20 --max-period 10")
     files = {run: algo_file(Path(run)) for run in args.runs}  # every run checked before any work
     print("| run | mode | return | episodes ending in a loop | loop starts (median step) | last reward (median step) |")
     print("|---|---|---|---|---|---|")

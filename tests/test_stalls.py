@@ -58,3 +58,12 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_sentence(tmp_path):
 
     with pytest.raises(SystemExit, match="is not a run directory"):
         load_stalls().main(load_stalls().Args(runs=(str(tmp_path),)))
+
+
+def test_a_window_no_longer_than_the_period_is_refused(tmp_path):
+    """With --window <= --max-period no loop can be found: refused, not a table of zeros."""
+    import pytest
+
+    stalls = load_stalls()
+    with pytest.raises(SystemExit, match="must be longer than --max-period"):
+        stalls.main(stalls.Args(runs=(str(tmp_path),), window=20))
