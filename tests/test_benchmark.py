@@ -336,23 +336,20 @@ def test_definition_file_and_cli_dry_run(tmp_path, algos, capsys):
         bm.main(["run", "--definition", str(tmp_path / "nope.toml")])
 
 
+def one_cell_definition(tmp_path, algo: str, extra: str, algo_flags: str, more: str = ""):
+    """A definition of one run (bridge hard mix, seed 0) of ``algo``: its extra, the algorithm's
+    flags (a TOML value) and more top-level lines."""
+    d = tmp_path / "def.toml"
+    d.write_text(f'name = "tiny"\nenv = "bridge"\ntasks = ["hard"]\nqualities = ["mix"]\nseeds = [0]\n'
+                 f'extra = "{extra}"\n{more}\n[algos]\n"{algo}" = {algo_flags}\n')
+    return d
+
+
 def test_a_run_with_other_flags_leaves_the_definitions_page_alone(tmp_path, algos, capsys):
     """`run --definition D --extra ...` runs a variant of D's grid (a control at another alpha, say):
     its tables go to <root>/results.md, not over D's page and plots, unless --table names a page."""
     page, plots = tmp_path / "page.md", tmp_path / "plots"
-    d = tmp_path / "def.toml"
-    d.write_text(textwrap.dedent(f'''
-        name = "tiny"
-        env = "bridge"
-        tasks = ["hard"]
-        qualities = ["mix"]
-        seeds = [0]
-        extra = "--total-steps 200"
-        table = "{page}"
-        plots = "{plots}"
-        [algos]
-        "{algos[0]}" = []
-    '''))
+    d = one_cell_definition(tmp_path, algos[0], "--total-steps 200", "[]", f'table = "{page}"\nplots = "{plots}"')
     page.write_text("the grid's page\n")
     with pytest.raises(SystemExit):  # in the definition's own folder its finished runs would be skipped as done
         bm.main(["run", "--definition", str(d), "--extra=--total-steps 100", "--dry-run"])
@@ -372,17 +369,7 @@ def test_a_run_with_other_flags_leaves_the_definitions_page_alone(tmp_path, algo
 def test_command_line_extra_comes_last_and_wins(tmp_path, algos, capsys):
     """--extra on the command line is added after the definition's extra and each algorithm's flags,
     so a budget given there is every run's budget (before, an algorithm's own --total-steps won)."""
-    d = tmp_path / "def.toml"
-    d.write_text(textwrap.dedent(f'''
-        name = "tiny"
-        env = "bridge"
-        tasks = ["hard"]
-        qualities = ["mix"]
-        seeds = [0]
-        extra = "--eval-episodes 3"
-        [algos]
-        "{algos[0]}" = "--total-steps 300"
-    '''))
+    d = one_cell_definition(tmp_path, algos[0], "--eval-episodes 3", '"--total-steps 300"')
     assert bm.main(["run", "--definition", str(d), "--root", str(tmp_path / "r"), "--dry-run",
                     "--extra=--total-steps 100"]) == 0
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[new]")]

@@ -2,27 +2,18 @@
 at every step (its random tie-breaking included), and a uniform policy rarely does; with the
 expert's states the expert's actions are played whatever the policy asks."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 pytest.importorskip("lbforaging")
 
+from _baselines_common import load_file  # noqa: E402
 from common.envs import make_env  # noqa: E402
 from common.scripted import LBFExpert  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("expert_agreement_bench", ROOT / "benchmarks" / "expert_agreement.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("benchmarks/expert_agreement.py")
 
 
 def test_the_expert_agrees_with_itself_and_a_uniform_policy_does_not():

@@ -2,23 +2,14 @@
 Bridge a memoryless policy that shuttles between two cells is counted as looping from its first
 step while a random policy is not."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
+from _baselines_common import load_file
 from common.envs import Bridge
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_stalls():
-    spec = importlib.util.spec_from_file_location("stalls_bench", ROOT / "benchmarks" / "stalls.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("benchmarks/stalls.py")
 
 
 def seq(s: str) -> list[bytes]:
