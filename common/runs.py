@@ -252,6 +252,19 @@ def setup_threads(threads: int, device: torch.device) -> tuple[int, ThreadTuner 
 
 
 # ==================================================================== checkpoints
+def _defaults(args: Any) -> dict[str, Any]:
+    """The JSON form of each argument's declared default (a dataclass's fields; none otherwise)."""
+    if not (dataclasses.is_dataclass(args) and not isinstance(args, type)):
+        return {}
+    out = {}
+    for f in dataclasses.fields(args):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _jsonable(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = _jsonable(f.default_factory())
+    return out
+
+
 def _jsonable(x: Any) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
@@ -616,6 +629,11 @@ class Run:
 
     def _check_same(self, ck: dict[str, Any]) -> None:
         saved, now = ck.get("args", {}), _jsonable(self.args)
+        # A flag added to the file after the checkpoint was written is missing from its saved
+        # arguments; at its default it is the behaviour the run had (a new flag's default keeps the
+        # old behaviour), so only a non-default value counts as a change.
+        defaults = _defaults(self.args)
+        saved = {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
         diff = [k for k in sorted(set(saved) | set(now)) if k not in OPERATIONAL_ARGS and saved.get(k) != now.get(k)]
         problems = [f"{flag(k)} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:6]]
         if ck.get("dims") != self.dims:

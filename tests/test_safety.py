@@ -147,6 +147,23 @@ def test_resume_refuses_another_dataset(bridge, tmp_path):
     assert cfg["dataset"] == str(bridge)  # the run's record is not rewritten
 
 
+def test_resume_of_a_run_saved_before_a_flag_existed(bridge, tmp_path):
+    """A checkpoint written before a flag was added lacks it: resumed with the flag at its default
+    (the old behaviour), the run continues; with another value, it is refused."""
+    import torch
+
+    bc = load("baselines/bc.py")
+    bc.main(make_args(bc, bridge, tmp_path / "run", total_steps=3, eval_episodes=0))
+    path = tmp_path / "run" / "checkpoints" / "latest.pt"
+    ck = torch.load(path, weights_only=True)
+    del ck["args"]["lr"]  # as an older version of the file saved it
+    torch.save(ck, path)
+    with pytest.raises(OfflineMarlError, match=r"--resume refuses .*--lr 0.001 -> 0.002"):
+        bc.main(make_args(bc, bridge, tmp_path / "run", total_steps=6, eval_episodes=0, resume=True, lr=2e-3))
+    out = bc.main(make_args(bc, bridge, tmp_path / "run", total_steps=6, eval_episodes=0, resume=True))
+    assert out["steps"] == 6
+
+
 @pytest.mark.parametrize("file", ["comadice.py", "baselines/omiga.py", "baselines/cql.py"])
 def test_huge_rewards_or_learning_rates_stop_as_a_divergence(file, bridge, tmp_path):
     """Rewards of 1e30 (finite, but their squares are not) stop the run with one line naming the loss
