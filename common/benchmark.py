@@ -28,8 +28,10 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import warnings
@@ -42,6 +44,9 @@ import numpy as np
 from common import OfflineMarlError
 
 REPO = Path(__file__).resolve().parent.parent
+# the local backend's running runs (their processes), so that an interrupted grid stops them too
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
 
 
 class BenchmarkError(OfflineMarlError):
@@ -161,8 +166,15 @@ def execute(spec: RunSpec, root: str, threads: int = 1, python: str = sys.execut
     with open(d / "log.txt", "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                             stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                                stdin=subprocess.DEVNULL)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
     dt = time.time() - t0
     if rc == 0 and (d / "done.json").is_file():
         return RunResult(spec, "ok", 0, dt)
@@ -195,20 +207,59 @@ class SlurmOptions:
     """submitit cluster override: "local" or "debug" run without Slurm (for testing)."""
 
 
+class _Stop(Exception):
+    """SIGTERM on the runner (what ``kill`` sends), handled as Ctrl-C is."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise _Stop()
+
+
 def _run_local(specs: list[RunSpec], root: Path, workers: int, threads: int, progress: bool) -> list[RunResult]:
     from tqdm import tqdm
 
     results = []
+    # Ctrl-C or SIGTERM stops the grid: no further run starts, the running ones are terminated (each
+    # resumes from its last checkpoint when the same command runs again)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     # Each run is its own Python process; the pool only waits on them, so threads suffice.
-    with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futs = [pool.submit(execute, s, str(root), threads) for s in specs]
-        with tqdm(total=len(futs), desc="runs", disable=not progress) as bar:
-            for f in cf.as_completed(futs):
-                r = f.result()
-                results.append(r)
-                bar.set_postfix_str(f"{r.spec.name}: {r.status}")
-                bar.update()
+    try:
+        with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futs = [pool.submit(execute, s, str(root), threads) for s in specs]
+            try:
+                with tqdm(total=len(futs), desc="runs", disable=not progress) as bar:
+                    for f in cf.as_completed(futs):
+                        r = f.result()
+                        results.append(r)
+                        bar.set_postfix_str(f"{r.spec.name}: {r.status}")
+                        bar.update()
+            except (KeyboardInterrupt, _Stop):
+                pool.shutdown(wait=False, cancel_futures=True)
+                stopped = _terminate_children()
+                raise BenchmarkError(f"interrupted: {len(results)} of {len(specs)} runs had ended, {stopped} were "
+                                     f"stopped (each resumes from its last checkpoint) and the rest never started; "
+                                     f"the same command continues the grid") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
     return results
+
+
+def _terminate_children(grace_s: float = 30.0) -> int:
+    """Terminate every running run of this process (SIGTERM, then SIGKILL after ``grace_s``)."""
+    with _CHILDREN_LOCK:
+        procs = list(_CHILDREN)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return len(procs)
 
 
 def _run_slurm(specs: list[RunSpec], root: Path, threads: int, opt: SlurmOptions) -> list[RunResult]:

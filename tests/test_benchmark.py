@@ -4,8 +4,11 @@ backends (local pool, submitit's local executor, a local Ray instance)."""
 import dataclasses
 import json
 import os
-
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,6 +47,7 @@ FAKE_ALGO = textwrap.dedent('''
         run_dir: str = ""
         crash_after: int = -1   # exit(1) after this many evaluations unless resuming
         fail: bool = False
+        sleep: float = 0.0      # seconds per evaluation (a run that takes a while)
 
     def main(a):
         if a.fail:
@@ -52,6 +56,9 @@ FAKE_ALGO = textwrap.dedent('''
         run = Run(a, "ALGO", tensorboard=False)
         data = SimpleNamespace(generator=torch.Generator(), meta={"env": a.env, "task": a.task})
         run.start(data, None, None, dims={}, modules={})
+        if os.environ.get("FAKE_PIDS"):  # tests: where each run writes its process id
+            with open(os.path.join(os.environ["FAKE_PIDS"], f"{a.seed}"), "w") as f:
+                f.write(str(os.getpid()))
         if run.finished_summary is not None:
             return run.finish()
         evals = run.progress.get("evals", 0)
@@ -61,6 +68,7 @@ FAKE_ALGO = textwrap.dedent('''
             res = dict(returns=[ret, ret], won=None, return_mean=ret, return_std=0.0, length_mean=1.0)
             run.log_eval(run.step, res)
             evals += 1
+            time.sleep(a.sleep)
             run.progress["evals"] = evals
             run.checkpoint()
             if a.crash_after >= 0 and evals >= a.crash_after and not a.resume:
@@ -125,6 +133,37 @@ def test_local_grid_skips_resumes_and_reports_failures(tmp_path, algos):
     assert "something went wrong on purpose" in st["fake_a"].log_tail
     assert st["fake_b"].status == "ok"
     assert "FAILED bridge__hard__good__fake_a__0" in bm.report(res)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_an_interrupted_grid_stops_its_runs_and_starts_no_more(tmp_path, algos, sig):
+    """kill (SIGTERM) or Ctrl-C (SIGINT, here to the runner alone) on the local runner: the running
+    run is terminated, no further run starts, one line says how to continue; the same command then
+    resumes the stopped run and runs the rest."""
+    root, pids = tmp_path / "runs", tmp_path / "pids"
+    pids.mkdir()
+    cmd = [sys.executable, "-m", "common.benchmark", "run", "--algos", algos[0], "--env", "bridge", "--tasks", "hard",
+           "--qualities", "mix", "--seeds", "0", "1", "2", "--workers", "1", "--root", str(root)]
+    env = dict(os.environ, FAKE_PIDS=str(pids))
+    runner = subprocess.Popen(cmd + ["--extra=--sleep 0.5"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    first = bm.expand_grid(algos[:1], "bridge", ["hard"], ["mix"], [0])[0]
+    deadline = time.time() + 120
+    while not (first.run_dir(root) / "checkpoints" / "latest.pt").is_file():  # the first run is under way
+        assert time.time() < deadline and runner.poll() is None, runner.communicate()
+        time.sleep(0.1)
+    runner.send_signal(sig)
+    out, err = runner.communicate(timeout=60)
+    assert runner.returncode == 2, (out, err)
+    assert err.strip().splitlines()[-1].startswith("error: interrupted: 0 of 3 runs had ended, 1 were stopped"), err
+    child = int((pids / "0").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the run's process is gone
+    assert bm.run_status(first, root) == "interrupted"
+    assert sorted(p.name for p in pids.iterdir()) == ["0"]  # seeds 1 and 2 never started
+    done = subprocess.run(cmd + ["--extra=--sleep 0.5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "3 runs: 3 ran, 0 already done, 0 failed" in done.stdout, done.stderr
+    assert (first.run_dir(root) / "log.txt").read_text().count("--resume") == 1
 
 
 def test_flag_change_does_not_reuse_a_directory(tmp_path, algos):
