@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 # the local backend's running runs (their processes), so that an interrupted grid stops them too
 _CHILDREN: set[subprocess.Popen] = set()
 _CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set under the lock once the grid is interrupted: no run starts after it
 
 
 class BenchmarkError(OfflineMarlError):
@@ -166,9 +167,11 @@ def execute(spec: RunSpec, root: str, threads: int = 1, python: str = sys.execut
     with open(d / "log.txt", "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                                stdin=subprocess.DEVNULL)
-        with _CHILDREN_LOCK:
+        with _CHILDREN_LOCK:  # a run about to start when the grid is interrupted does not start
+            if _STOPPING.is_set():
+                return RunResult(spec, "failed", -1, 0.0, "not started: the grid was interrupted")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                                    stdin=subprocess.DEVNULL)
             _CHILDREN.add(proc)
         try:
             rc = proc.wait()
@@ -221,6 +224,7 @@ def _run_local(specs: list[RunSpec], root: Path, workers: int, threads: int, pro
     results = []
     # Ctrl-C or SIGTERM stops the grid: no further run starts, the running ones are terminated (each
     # resumes from its last checkpoint when the same command runs again)
+    _STOPPING.clear()
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     # Each run is its own Python process; the pool only waits on them, so threads suffice.
@@ -249,6 +253,7 @@ def _run_local(specs: list[RunSpec], root: Path, workers: int, threads: int, pro
 def _terminate_children(grace_s: float = 30.0) -> int:
     """Terminate every running run of this process (SIGTERM, then SIGKILL after ``grace_s``)."""
     with _CHILDREN_LOCK:
+        _STOPPING.set()
         procs = list(_CHILDREN)
     for p in procs:
         if p.poll() is None:
