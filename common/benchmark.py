@@ -1,15 +1,17 @@
 """Grids of runs (algorithms x tasks x qualities x seeds) and their aggregation.
 
-    python -m common.benchmark run benchmarks/bridge.toml            # a definition file
+    python -m common.benchmark run --definition benchmarks/bridge.toml --workers 2
     python -m common.benchmark run --algos comadice.py baselines/bc.py --env bridge \\
         --tasks hard --qualities mix --seeds 0 1 2 --extra="--total-steps 5000"
-    python -m common.benchmark aggregate benchmark_runs/bridge --table docs/results/bridge.md
+    python -m common.benchmark aggregate --definition benchmarks/bridge.toml
 
 Every run of a grid has a fixed directory, ``<root>/<env>__<task>__<quality>__<algo>__<seed>``,
 passed to the algorithm file as ``--run-dir``. That makes a grid idempotent: a run
 whose directory has ``done.json`` is skipped, one with a checkpoint but no
 ``done.json`` (interrupted) is restarted with ``--resume``, and a failed run is
-reported with the tail of its log while the rest of the grid goes on.
+reported with the tail of its log while the rest of the grid goes on. The run folders are
+not committed; a small record of each finished run is (``benchmarks/records/``), so the
+tables rebuild, and finished runs are not run again, in a fresh clone.
 
 Backends: ``local`` (a pool of worker processes on this machine), ``slurm``
 (``submitit``: one job per run or a job array) and ``ray`` (tasks on a Ray cluster).
@@ -52,6 +54,10 @@ _STOPPING = threading.Event()  # set under the lock once the grid is interrupted
 
 class BenchmarkError(OfflineMarlError):
     """A grid cannot be run or aggregated as asked."""
+
+
+class FewerRunsError(BenchmarkError):
+    """A results page would be rewritten with fewer runs than it shows."""
 
 
 # ===================================================================== grids
@@ -364,42 +370,124 @@ class RunRecord:
     metrics: dict[str, Any]
 
 
-def load_runs(root: str | Path, include_unfinished: bool = False) -> list[RunRecord]:
+def _finished(metrics: dict[str, Any]) -> bool:
+    return any("absolute_metrics" in entry for tasks in metrics.values() for algos in tasks.values()
+               for seeds in algos.values() for entry in seeds.values())
+
+
+def _run_record(cfg: dict[str, Any], metrics: dict[str, Any], where: Path,
+                include_unfinished: bool) -> RunRecord | None:
+    """A RunRecord from a run's config.json and metrics.json (None: unfinished and not asked for)."""
+    try:
+        (env, tasks), = metrics.items()
+        (task_key, algos), = tasks.items()
+        (algo, seeds), = algos.items()
+        (seed_key, entry), = seeds.items()
+    except ValueError:
+        raise BenchmarkError(f"{where} does not hold exactly one run in marl-eval layout") from None
+    step_keys = sorted((k for k in entry if k.startswith("step_")), key=lambda k: int(k.split("_")[1]))
+    steps = np.array([entry[k]["step_count"] for k in step_keys], dtype=np.int64)
+    curve = np.array([np.mean(entry[k]["episode_return"]) for k in step_keys], dtype=np.float64)
+    absm = entry.get("absolute_metrics")
+    if absm:
+        final = float(np.mean(absm["episode_return"]))
+        win = float(np.mean(absm["win_rate"])) if "win_rate" in absm else None
+    elif len(curve) and include_unfinished:
+        final = float(curve[-1])
+        last = entry[step_keys[-1]]
+        win = float(np.mean(last["win_rate"])) if "win_rate" in last else None
+    else:
+        return None  # unfinished (or no evaluation yet)
+    best = float(max(curve.max() if len(curve) else -np.inf, final))
+    return RunRecord(env, cfg.get("task", task_key.split("__")[0]), cfg.get("quality", ""), algo,
+                     int(cfg.get("seed", seed_key.split("_")[-1])), steps, curve, final, best, win, metrics)
+
+
+def _run_dirs(root: Path) -> dict[str, Path]:
+    """Every run directory under ``root`` (one with config.json and metrics.json), by its path
+    relative to ``root`` written with "__" (the name of its record)."""
+    out = {}
+    for mpath in sorted(Path(root).rglob("metrics.json")):
+        if (mpath.parent / "config.json").is_file():
+            out["__".join(mpath.parent.relative_to(root).parts)] = mpath.parent
+    return out
+
+
+def default_records(root: str | Path) -> Path | None:
+    """Where the records of a grid's finished runs are kept: ``benchmarks/records/<name>`` for a
+    root in the checkout's ``benchmark_runs/`` (the folder git ignores); none for a root elsewhere."""
+    try:
+        rel = Path(root).resolve().relative_to((REPO / "benchmark_runs").resolve())
+    except ValueError:
+        return None
+    return REPO / "benchmarks" / "records" / rel if rel.parts else None
+
+
+def save_records(root: str | Path, records: str | Path) -> int:
+    """Copy what aggregation needs of each finished run under ``root`` (its config.json,
+    metrics.json and done.json) into one small JSON file per run in ``records``, a folder that is
+    committed with the results pages: the run folders (checkpoints, logs) stay out of git, and a
+    fresh clone can still rebuild the tables and plots from the records. Returns how many were
+    written (a record already up to date is left as it is)."""
+    root, records = Path(root), Path(records)
+    n = 0
+    for name, d in _run_dirs(root).items():
+        metrics = json.loads((d / "metrics.json").read_text())
+        if not _finished(metrics) or not (d / "done.json").is_file():
+            continue
+        rec = {"run": name, "config": json.loads((d / "config.json").read_text()), "metrics": metrics,
+               "done": json.loads((d / "done.json").read_text())}
+        if (d / "benchmark.json").is_file():  # what the runner ran (its fingerprint): a recorded run is done
+            rec["benchmark"] = json.loads((d / "benchmark.json").read_text())
+        text = json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n"
+        path = records / f"{name}.json"
+        if not path.is_file() or path.read_text() != text:
+            records.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+            n += 1
+    return n
+
+
+def recorded(spec: RunSpec, root: Path, records: Path | None) -> bool:
+    """Whether ``spec`` has no folder under ``root`` but a record of the same command (fingerprint)
+    in ``records``: the run finished elsewhere (before this checkout) and is not run again."""
+    path = None if records is None else Path(records) / f"{spec.name}.json"
+    if path is None or spec.run_dir(root).exists() or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("benchmark", {}).get("fingerprint") == spec.fingerprint()
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_runs(root: str | Path, include_unfinished: bool = False,
+              records: str | Path | None = None) -> list[RunRecord]:
     """Every run under ``root`` (recursively) that has a config.json and a metrics.json with
     its final evaluation (``absolute_metrics``). A run still training or killed has only
     intermediate evaluations: it is left out, unless ``include_unfinished`` (then its last
-    evaluation stands in for the final one)."""
+    evaluation stands in for the final one). ``records`` (``save_records``'s folder) adds the
+    recorded runs that have no folder under ``root`` (a fresh clone: the records only)."""
     out = []
-    for mpath in sorted(Path(root).rglob("metrics.json")):
-        d = mpath.parent
-        cpath = d / "config.json"
-        if not cpath.is_file():
-            continue
-        cfg = json.loads(cpath.read_text())
-        metrics = json.loads(mpath.read_text())
-        try:
-            (env, tasks), = metrics.items()
-            (task_key, algos), = tasks.items()
-            (algo, seeds), = algos.items()
-            (seed_key, entry), = seeds.items()
-        except ValueError:
-            raise BenchmarkError(f"{mpath} does not hold exactly one run in marl-eval layout") from None
-        step_keys = sorted((k for k in entry if k.startswith("step_")), key=lambda k: int(k.split("_")[1]))
-        steps = np.array([entry[k]["step_count"] for k in step_keys], dtype=np.int64)
-        curve = np.array([np.mean(entry[k]["episode_return"]) for k in step_keys], dtype=np.float64)
-        absm = entry.get("absolute_metrics")
-        if absm:
-            final = float(np.mean(absm["episode_return"]))
-            win = float(np.mean(absm["win_rate"])) if "win_rate" in absm else None
-        elif len(curve) and include_unfinished:
-            final = float(curve[-1])
-            last = entry[step_keys[-1]]
-            win = float(np.mean(last["win_rate"])) if "win_rate" in last else None
-        else:
-            continue  # unfinished (or no evaluation yet)
-        best = float(max(curve.max() if len(curve) else -np.inf, final))
-        out.append(RunRecord(env, cfg.get("task", task_key.split("__")[0]), cfg.get("quality", ""), algo,
-                             int(cfg.get("seed", seed_key.split("_")[-1])), steps, curve, final, best, win, metrics))
+    dirs = _run_dirs(Path(root)) if Path(root).is_dir() else {}
+    for name, d in dirs.items():
+        r = _run_record(json.loads((d / "config.json").read_text()), json.loads((d / "metrics.json").read_text()),
+                        d / "metrics.json", include_unfinished)
+        if r is not None:
+            out.append(r)
+    if records is not None and Path(records).is_dir():
+        for path in sorted(Path(records).glob("*.json")):
+            if path.stem in dirs:
+                continue  # the run's own folder is here: it was read above
+            try:
+                rec = json.loads(path.read_text())
+                cfg, metrics = rec["config"], rec["metrics"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise BenchmarkError(f"{path} is not a run record (config and metrics of one run)") from None
+            r = _run_record(cfg, metrics, path, include_unfinished)
+            if r is not None:
+                out.append(r)
     return out
 
 
@@ -668,13 +756,46 @@ TABLES_BEGIN = "<!-- tables: written by common.benchmark; text outside these two
 TABLES_END = "<!-- end of tables -->"
 
 
-def write_table_file(path: str | Path, md: str) -> None:
+def _cells_shown(md: str) -> dict[tuple[str, ...], int]:
+    """(env, task, quality, algo) -> n, read off the Details table of Markdown that
+    ``markdown_tables`` wrote."""
+    out: dict[tuple[str, ...], int] = {}
+    inside = False
+    for line in md.splitlines():
+        if line.startswith("| env | task | quality | algo | n |"):
+            inside = True
+        elif inside and line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) > 4 and cells[4].isdigit():
+                out[tuple(cells[:4])] = int(cells[4])
+        elif inside and not line.startswith("|"):
+            inside = False
+    return out
+
+
+def write_table_file(path: str | Path, md: str, allow_fewer: bool = False) -> None:
     """Write a grid's Markdown to ``path``. Where the file already holds the two markers, only the
-    text between them is replaced, so a results page can wrap its tables in its own analysis."""
+    text between them is replaced, so a results page can wrap its tables in its own analysis.
+
+    Refused (BenchmarkError, nothing written) where the page shows a cell with more runs than
+    ``md`` has, unless ``allow_fewer``: the tables of a page are only as good as the runs they were
+    made from, and a checkout that lacks some of them (their folders and records) must not
+    rewrite the page with less."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.is_file() else ""
-    if TABLES_BEGIN in old and TABLES_END in old.split(TABLES_BEGIN, 1)[1]:
+    marked = TABLES_BEGIN in old and TABLES_END in old.split(TABLES_BEGIN, 1)[1]
+    shown = _cells_shown(old.split(TABLES_BEGIN, 1)[1].split(TABLES_END, 1)[0] if marked else old)
+    have = _cells_shown(md)
+    fewer = [(cell, n, have.get(cell, 0)) for cell, n in shown.items() if have.get(cell, 0) < n]
+    if fewer and not allow_fewer:
+        (cell, n, m), *_ = fewer
+        raise FewerRunsError(
+            f"{path} shows {len(fewer)} cell(s) with more finished runs than are here to aggregate (first: "
+            f"{' '.join(cell)}, n={n} on the page, {m} here): their run folders and records are missing, so the "
+            f"page and its plots are left as they are; --table and --plots write these tables elsewhere, "
+            f"--allow-fewer-runs over the page")
+    if marked:
         head, rest = old.split(TABLES_BEGIN, 1)
         tail = rest.split(TABLES_END, 1)[1]
         path.write_text(f"{head}{TABLES_BEGIN}\n{md.rstrip()}\n{TABLES_END}{tail}")
@@ -684,25 +805,38 @@ def write_table_file(path: str | Path, md: str) -> None:
 
 def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int = 2000,
                   header: str = "", paper: dict[str, dict[str, str]] | None = None,
-                  by_algorithm: Sequence[str] = ()) -> tuple[str, list[GroupStats]]:
-    """Aggregate every run under ``root``: ``<root>/results.md``, ``<root>/metrics.json``
-    (merged marl-eval), plots in ``plots`` (default ``<root>/plots``); ``table`` also
-    receives the Markdown (between its markers, if it has them: ``write_table_file``)."""
+                  by_algorithm: Sequence[str] = (), records: str | Path | None = None,
+                  allow_fewer: bool = False) -> tuple[str, list[GroupStats]]:
+    """Aggregate every run under ``root`` and in ``records`` (first brought up to date from
+    ``root``: ``save_records``): ``<root>/results.md``, ``<root>/metrics.json`` (merged
+    marl-eval), plots in ``plots`` (default ``<root>/plots``); ``table`` also receives the
+    Markdown (between its markers, if it has them: ``write_table_file``, which refuses to show
+    fewer runs than the page does unless ``allow_fewer``)."""
     root = Path(root)
-    records = load_runs(root)
-    if not records:
-        raise BenchmarkError(f"no finished evaluations under {root}")
-    stats = aggregate(records, reps=reps)
-    md = (header + "\n\n" if header else "") + markdown_tables(stats, records, paper=paper, by_algorithm=by_algorithm)
-    left_out = len(load_runs(root, include_unfinished=True)) - len(records)
+    if records is not None:
+        save_records(root, records)
+    records_ = load_runs(root, records=records)
+    if not records_:
+        raise BenchmarkError(f"no finished evaluations under {root}" + (f" or in {records}" if records else ""))
+    stats = aggregate(records_, reps=reps)
+    md = (header + "\n\n" if header else "") + markdown_tables(stats, records_, paper=paper, by_algorithm=by_algorithm)
+    left_out = len(load_runs(root, include_unfinished=True)) - len(load_runs(root))
     if left_out:
         md += f"\n{left_out} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
+    root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text(md)
-    (root / "metrics.json").write_text(json.dumps(merged_metrics(records), indent=1))
+    (root / "metrics.json").write_text(json.dumps(merged_metrics(records_), indent=1))
     if table:
-        write_table_file(table, md)
-    plot(records, stats, plots or root / "plots")
+        write_table_file(table, md, allow_fewer)
+    plot(records_, stats, plots or root / "plots")
     return md, stats
+
+
+def _records_arg(value: str, root: str | Path) -> Path | None:
+    """--records: "" for the default (``default_records``), "none" for none, else a folder."""
+    if value == "none":
+        return None
+    return Path(value) if value else default_records(root)
 
 
 # ======================================================================= CLI
@@ -739,6 +873,11 @@ class RunArgs:
     """Folder for the PNG plots (default: the definition's `plots`, else <root>/plots)."""
     dry_run: bool = False
     """Print the commands (with --resume where it applies) and stop."""
+    records: str = ""
+    """Folder of the run records (one small JSON per finished run, kept in git; default:
+    benchmarks/records/<root's name> for a root in benchmark_runs/, none elsewhere; "none": none)."""
+    allow_fewer_runs: bool = False
+    """Write the table page even where it now shows cells with more runs than are here."""
 
 
 @dataclass
@@ -753,6 +892,11 @@ class AggregateArgs:
     plots: str = ""
     reps: int = 2000
     """Bootstrap resamples."""
+    records: str = ""
+    """Folder of the run records (one small JSON per finished run, kept in git; default:
+    benchmarks/records/<root's name> for a root in benchmark_runs/, none elsewhere; "none": none)."""
+    allow_fewer_runs: bool = False
+    """Write the table page even where it now shows cells with more runs than are here."""
 
 
 def load_definition(path: str | Path) -> dict[str, Any]:
@@ -864,24 +1008,37 @@ def main_run(a: RunArgs) -> int:
         raise BenchmarkError(f"--extra changes the runs of {a.definition}: give them their own --root "
                              f"(benchmark_runs/{d['name']} holds the definition's own runs)")
     root = Path(a.root or REPO / "benchmark_runs" / d["name"])
+    records = _records_arg(a.records, root)
+    # a run recorded with the same command (its folder not in this checkout) is done
+    done_elsewhere = [s for s in specs if recorded(s, root, records)]
     if a.dry_run:
         for s in specs:
-            st = run_status(s, root)
-            print(f"[{st}] " + ("(skip)" if st == "done" else shlex.join(s.command(root, st == "interrupted"))))
+            st = "recorded" if s in done_elsewhere else run_status(s, root)
+            print(f"[{st}] " + ("(skip)" if st in ("done", "recorded") else
+                                shlex.join(s.command(root, st == "interrupted"))))
         return 0
-    results = run_grid(specs, root, a.backend, a.workers, a.threads, a.slurm, a.ray_address, a.ray_gpus)
+    try:
+        results = [RunResult(s, "skipped") for s in done_elsewhere]
+        todo = [s for s in specs if s not in done_elsewhere]
+        results += run_grid(todo, root, a.backend, a.workers, a.threads, a.slurm, a.ray_address, a.ray_gpus) if todo else []
+    finally:  # an interrupted grid keeps the records of the runs that did finish
+        if records is not None and root.is_dir():
+            save_records(root, records)
     print(report(results))
     table = a.table or ("" if variant else d.get("table", ""))
     plots = a.plots or ("" if variant else d.get("plots", ""))
     try:
-        md, _ = write_outputs(root, table, plots, header=d.get("header", ""),
-                              paper=d.get("paper"), by_algorithm=d.get("by_algorithm", []))
+        md, _ = write_outputs(root, table, plots, header=d.get("header", ""), paper=d.get("paper"),
+                              by_algorithm=d.get("by_algorithm", []), records=records, allow_fewer=a.allow_fewer_runs)
         print(md)
         if table:
             print(f"tables written to {table}")
         if variant and not a.table and d.get("table"):
             print(f"--extra changes the definition's runs, so its table {d['table']} and plots are left as they "
                   f"are: these tables are in {root / 'results.md'} (--table and --plots write them elsewhere too)")
+    except FewerRunsError as e:
+        print(f"tables not written: {e}", file=sys.stderr)
+        return 1
     except BenchmarkError as e:
         print(f"nothing to aggregate yet: {e}")
     return 1 if any(r.status == "failed" for r in results) else 0
@@ -901,7 +1058,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchmarkError("aggregate needs --root (a folder of runs) or --definition")
         root = cmd.root or REPO / "benchmark_runs" / d["name"]
         md, _ = write_outputs(root, cmd.table or d.get("table", ""), cmd.plots or d.get("plots", ""), cmd.reps,
-                              header=d.get("header", ""), paper=d.get("paper"), by_algorithm=d.get("by_algorithm", []))
+                              header=d.get("header", ""), paper=d.get("paper"), by_algorithm=d.get("by_algorithm", []),
+                              records=_records_arg(cmd.records, root), allow_fewer=cmd.allow_fewer_runs)
         print(md)
         return 0
 

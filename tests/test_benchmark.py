@@ -4,6 +4,7 @@ backends (local pool, submitit's local executor, a local Ray instance)."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,7 +144,8 @@ def test_an_interrupted_grid_stops_its_runs_and_starts_no_more(tmp_path, algos, 
     root, pids = tmp_path / "runs", tmp_path / "pids"
     pids.mkdir()
     cmd = [sys.executable, "-m", "common.benchmark", "run", "--algos", algos[0], "--env", "bridge", "--tasks", "hard",
-           "--qualities", "mix", "--seeds", "0", "1", "2", "--workers", "1", "--root", str(root)]
+           "--qualities", "mix", "--seeds", "0", "1", "2", "--workers", "1", "--root", str(root),
+           "--records", str(tmp_path / "records")]
     env = dict(os.environ, FAKE_PIDS=str(pids))
     runner = subprocess.Popen(cmd + ["--extra=--sleep 0.5"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -164,6 +166,7 @@ def test_an_interrupted_grid_stops_its_runs_and_starts_no_more(tmp_path, algos, 
     done = subprocess.run(cmd + ["--extra=--sleep 0.5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "3 runs: 3 ran, 0 already done, 0 failed" in done.stdout, done.stderr
     assert (first.run_dir(root) / "log.txt").read_text().count("--resume") == 1
+    assert len(list((tmp_path / "records").glob("*.json"))) == 3  # the finished runs' records
 
 
 def test_flag_change_does_not_reuse_a_directory(tmp_path, algos):
@@ -517,3 +520,109 @@ def test_merged_metrics_with_unequal_budgets_are_read_by_marl_eval(tmp_path):
     fig.savefig(tmp_path / "profile.png")
     sample_efficiency_curves(curves, metric_name="episode_return", metrics_to_normalize=["episode_return"])
     assert (tmp_path / "profile.png").stat().st_size > 1000
+
+
+def _finish(root, algo, seed):
+    (root / f"{algo}_{seed}" / "done.json").write_text('{"steps": 100}\n')
+
+
+def test_records_rebuild_the_tables_in_a_checkout_without_the_run_folders(tmp_path):
+    """The run folders (checkpoints, logs) stay out of git; one small record per finished run is kept
+    beside the pages, and from the records alone a fresh clone writes the same tables."""
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    for seed in range(3):
+        _write_run(runs, "a", seed, [1.0 + seed, 2.0], curve=[0.5, 1.0 + seed])
+        _write_run(runs, "b", seed, [3.0 * seed], curve=[0.0, 3.0 * seed], win=[True])
+        _finish(runs, "a", seed), _finish(runs, "b", seed)
+    unfinished = Run(_Args(seed=7, run_dir=str(runs / "a_7")), "a", tensorboard=False)
+    unfinished.start(SimpleNamespace(generator=torch.Generator(), meta={"env": "bridge", "task": "hard"}), None, None,
+                     dims={}, modules={})
+    unfinished.log_eval(100, dict(returns=[9.0], won=None, return_mean=9.0, return_std=0.0, length_mean=1.0))
+    md, _ = bm.write_outputs(runs, plots=str(tmp_path / "p1"), reps=100, records=records)
+    assert sorted(p.name for p in records.iterdir()) == [f"{x}_{s}.json" for x in "ab" for s in range(3)]
+    rec = json.loads((records / "a_1.json").read_text())
+    assert rec["run"] == "a_1" and rec["config"]["seed"] == 1 and rec["done"] == {"steps": 100}
+    stamp = (records / "a_1.json").stat().st_mtime_ns
+    assert bm.save_records(runs, records) == 0 and (records / "a_1.json").stat().st_mtime_ns == stamp  # up to date
+    # run folders and records of the same runs are counted once
+    assert len(bm.load_runs(runs, records=records)) == 6
+    fresh = tmp_path / "clone" / "runs"  # a fresh clone: no run folders, the records only
+    md2, stats = bm.write_outputs(fresh, plots=str(tmp_path / "p2"), reps=100, records=records)
+    assert md2 == md.split("\n1 unfinished run(s)")[0] + ("\n" if not md.endswith("\n") else "")
+    assert {s.algo: s.n for s in stats} == {"a": 3, "b": 3}
+    assert sorted(p.name for p in (tmp_path / "p2").glob("*.png")) == sorted(p.name for p in (tmp_path / "p1").glob("*.png"))
+    # a run that ran again (its folder rewritten) updates its record
+    shutil.rmtree(runs / "a_0")
+    _write_run(runs, "a", 0, [50.0], curve=[50.0])
+    _finish(runs, "a", 0)
+    assert bm.save_records(runs, records) == 1
+    assert json.loads((records / "a_0.json").read_text())["metrics"]["bridge"]["hard__mix"]["a"]["seed_0"][
+        "absolute_metrics"]["episode_return"] == [50.0]
+    (records / "junk.json").write_text("[1, 2]")
+    with pytest.raises(bm.BenchmarkError, match="not a run record"):
+        bm.load_runs(fresh, records=records)
+
+
+def test_records_default_to_a_folder_beside_the_pages_for_the_checkouts_own_runs():
+    assert bm.default_records(REPO / "benchmark_runs" / "lbf") == REPO / "benchmarks" / "records" / "lbf"
+    assert bm.default_records(REPO / "benchmark_runs") is None
+    assert bm.default_records("/tmp/elsewhere/lbf") is None
+    assert bm._records_arg("none", REPO / "benchmark_runs" / "lbf") is None
+    assert bm._records_arg("x/y", "/tmp") == Path("x/y")
+
+
+def test_a_page_is_not_rewritten_with_fewer_runs_than_it_shows(tmp_path, capsys):
+    """A checkout that lacks some of a page's runs (a fresh clone before records existed, a moved
+    folder) must not replace the page's tables and plots with fewer: refused, with one line."""
+    runs, page, plots = tmp_path / "runs", tmp_path / "page.md", tmp_path / "plots"
+    for seed in range(3):
+        _write_run(runs, "a", seed, [1.0 + seed], curve=[1.0 + seed])
+        _write_run(runs, "b", seed, [2.0], curve=[2.0], task="easy")
+    page.write_text(f"intro\n{bm.TABLES_BEGIN}\nold\n{bm.TABLES_END}\nafter\n")
+    bm.write_outputs(runs, table=str(page), plots=str(plots), reps=50)
+    assert bm._cells_shown(page.read_text()) == {("bridge", "hard", "mix", "a"): 3, ("bridge", "easy", "mix", "b"): 3}
+    before = page.read_text()
+    shutil.rmtree(runs / "a_2")
+    shutil.rmtree(plots)
+    with pytest.raises(bm.FewerRunsError, match=r"bridge hard mix a, n=3 on the page, 2 here"):
+        bm.write_outputs(runs, table=str(page), plots=str(plots), reps=50)
+    assert page.read_text() == before and not plots.exists()
+    for d in ("b_0", "b_1", "b_2"):
+        shutil.rmtree(runs / d)
+    with pytest.raises(bm.FewerRunsError, match="2 cell"):  # a cell gone entirely counts too
+        bm.write_outputs(runs, table=str(page), reps=50)
+    # more runs, or --allow-fewer-runs, write it
+    bm.write_outputs(runs, table=str(page), reps=50, allow_fewer=True)
+    assert bm._cells_shown(page.read_text()) == {("bridge", "hard", "mix", "a"): 2}
+    assert page.read_text().startswith("intro\n") and page.read_text().endswith("after\n")
+    _write_run(runs, "a", 5, [1.0], curve=[1.0])
+    bm.write_outputs(runs, table=str(page), reps=50)
+    assert bm._cells_shown(page.read_text()) == {("bridge", "hard", "mix", "a"): 3}
+    # from the command line: the run's own tables still go to <root>/results.md, exit 1 and one line
+    shutil.rmtree(runs / "a_5")
+    with pytest.raises(SystemExit) as exit_:
+        bm.main(["aggregate", "--root", str(runs), "--table", str(page), "--reps", "50"])
+    assert exit_.value.code == 2 and "n=3 on the page, 2 here" in capsys.readouterr().err
+    assert "| a |" in (runs / "results.md").read_text()
+
+
+def test_a_fresh_clone_does_not_run_again_what_its_records_hold(tmp_path, algos, capsys):
+    """A run recorded with the same command is done, though its folder is not in this checkout; a
+    record of other flags (the definition changed since) is not, and the run then replaces it."""
+    root, records = tmp_path / "runs", tmp_path / "records"
+    cmd = ["run", "--algos", algos[0], "--env", "bridge", "--tasks", "hard", "--qualities", "mix",
+           "--seeds", "0", "1", "--root", str(root), "--records", str(records), "--extra=--total-steps 200"]
+    assert bm.main(cmd) == 0
+    first = (root / "results.md").read_text()
+    shutil.rmtree(root)  # a fresh clone: the records only
+    capsys.readouterr()
+    assert bm.main(cmd + ["--dry-run"]) == 0
+    assert capsys.readouterr().out.count("[recorded] (skip)") == 2
+    assert bm.main(cmd) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: 0 ran, 2 already done, 0 failed" in out and not any(root.glob("bridge__*"))
+    assert (root / "results.md").read_text() == first
+    assert bm.main(cmd[:-1] + ["--extra=--total-steps 300"]) == 0  # other flags: run, record replaced
+    assert "2 runs: 2 ran" in capsys.readouterr().out
+    rec = json.loads((records / "bridge__hard__mix__fake_a__0.json").read_text())
+    assert rec["done"]["steps"] == 300
