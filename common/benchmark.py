@@ -1049,6 +1049,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from common import friendly_errors
 
+    # `--extra "--total-steps 1000"`: a value that starts with "--" reads to the parser as the next
+    # flag (tyro: "Missing value for argument '--extra'"); joined as --extra=..., it is the value
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1, 0, -1):
+        if argv[i - 1] == "--extra" and argv[i].startswith("-"):
+            argv[i - 1:i + 1] = [f"--extra={argv[i]}"]
     with friendly_errors():
         cmd = tyro.extras.subcommand_cli_from_dict({"run": RunArgs, "aggregate": AggregateArgs}, args=argv)
         if isinstance(cmd, RunArgs):

@@ -416,6 +416,11 @@ def test_command_line_extra_comes_last_and_wins(tmp_path, algos, capsys):
                     "--extra=--total-steps 100"]) == 0
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[new]")]
     assert line.endswith("--eval-episodes 3 --total-steps 300 --total-steps 100")
+    # written with a space, as a shell user would: the value starts with "--" and is still --extra's
+    assert bm.main(["run", "--definition", str(d), "--root", str(tmp_path / "r"), "--dry-run",
+                    "--extra", "--total-steps 200 --eval-every 50"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[new]")]
+    assert line.endswith("--total-steps 300 --total-steps 200 --eval-every 50")
 
 
 def test_definition_with_sub_grids(tmp_path, algos):
