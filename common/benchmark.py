@@ -409,7 +409,7 @@ def _run_dirs(root: Path) -> dict[str, Path]:
     out = {}
     for mpath in sorted(Path(root).rglob("metrics.json")):
         if (mpath.parent / "config.json").is_file():
-            out["__".join(mpath.parent.relative_to(root).parts)] = mpath.parent
+            out["__".join(mpath.parent.relative_to(root).parts) or mpath.parent.name] = mpath.parent
     return out
 
 
