@@ -815,20 +815,20 @@ def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int 
     root = Path(root)
     if records is not None:
         save_records(root, records)
-    records_ = load_runs(root, records=records)
-    if not records_:
+    runs = load_runs(root, records=records)
+    if not runs:
         raise BenchmarkError(f"no finished evaluations under {root}" + (f" or in {records}" if records else ""))
-    stats = aggregate(records_, reps=reps)
-    md = (header + "\n\n" if header else "") + markdown_tables(stats, records_, paper=paper, by_algorithm=by_algorithm)
+    stats = aggregate(runs, reps=reps)
+    md = (header + "\n\n" if header else "") + markdown_tables(stats, runs, paper=paper, by_algorithm=by_algorithm)
     left_out = len(load_runs(root, include_unfinished=True)) - len(load_runs(root))
     if left_out:
         md += f"\n{left_out} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text(md)
-    (root / "metrics.json").write_text(json.dumps(merged_metrics(records_), indent=1))
+    (root / "metrics.json").write_text(json.dumps(merged_metrics(runs), indent=1))
     if table:
         write_table_file(table, md, allow_fewer)
-    plot(records_, stats, plots or root / "plots")
+    plot(runs, stats, plots or root / "plots")
     return md, stats
 
 
