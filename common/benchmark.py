@@ -823,6 +823,9 @@ def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int 
     left_out = len(load_runs(root, include_unfinished=True)) - len(load_runs(root))
     if left_out:
         md += f"\n{left_out} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
+    if records is not None:  # where the numbers come from (a test checks the pages against it)
+        where = Path(records).resolve()
+        md += f"\n<!-- records: {where.relative_to(REPO) if where.is_relative_to(REPO) else where} -->\n"
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text(md)
     (root / "metrics.json").write_text(json.dumps(merged_metrics(runs), indent=1))

@@ -545,6 +545,7 @@ def test_records_rebuild_the_tables_in_a_checkout_without_the_run_folders(tmp_pa
     unfinished.log_eval(100, dict(returns=[9.0], won=None, return_mean=9.0, return_std=0.0, length_mean=1.0))
     md, _ = bm.write_outputs(runs, plots=str(tmp_path / "p1"), reps=100, records=records)
     assert sorted(p.name for p in records.iterdir()) == [f"{x}_{s}.json" for x in "ab" for s in range(3)]
+    assert f"<!-- records: {records.resolve()} -->" in md  # where the numbers come from
     rec = json.loads((records / "a_1.json").read_text())
     assert rec["run"] == "a_1" and rec["config"]["seed"] == 1 and rec["done"] == {"steps": 100}
     stamp = (records / "a_1.json").stat().st_mtime_ns
@@ -631,3 +632,34 @@ def test_a_fresh_clone_does_not_run_again_what_its_records_hold(tmp_path, algos,
     assert "2 runs: 2 ran" in capsys.readouterr().out
     rec = json.loads((records / "bridge__hard__mix__fake_a__0.json").read_text())
     assert rec["done"]["steps"] == 300
+
+
+def _details_rows(md: str) -> dict[tuple[str, ...], list[str]]:
+    """(env, task, quality, algo) -> [n, final, SE, best] of a Details table (the bootstrap CI left out)."""
+    rows = {}
+    for cell in bm._cells_shown(md):
+        line = next(x for x in md.splitlines() if x.startswith("| " + " | ".join(cell) + " | "))
+        rows[cell] = [c.strip() for c in line.strip().strip("|").split("|")][4:8]
+    return rows
+
+
+def test_results_pages_agree_with_their_records():
+    """A page whose tables name their records (``<!-- records: ... -->``, written by the
+    aggregation) shows exactly the cells and numbers that its committed records give: records
+    added without the page rewritten, or a number edited by hand, fail here."""
+    import re
+
+    pages = 0
+    for page in sorted((REPO / "docs" / "results").glob("*.md")):
+        text = page.read_text()
+        if bm.TABLES_BEGIN in text:
+            text = text.split(bm.TABLES_BEGIN, 1)[1].split(bm.TABLES_END, 1)[0]
+        m = re.search(r"<!-- records: (\S+) -->", text)
+        if not m:
+            continue  # tables written before the records existed
+        pages += 1
+        runs = bm.load_runs(REPO / "no-such-folder", records=REPO / m.group(1))
+        assert runs, f"{page.name} names {m.group(1)}, which holds no records"
+        expected = _details_rows(bm.markdown_tables(bm.aggregate(runs, reps=20), runs))
+        assert _details_rows(text) == expected, f"{page.name} is not what {m.group(1)} gives: aggregate again"
+    assert pages >= 1
