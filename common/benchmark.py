@@ -803,35 +803,103 @@ def write_table_file(path: str | Path, md: str, allow_fewer: bool = False) -> No
         path.write_text(md)
 
 
+@dataclass(frozen=True)
+class Page:
+    """A results page of a definition and the runs it shows: those of ``cells`` ((algorithm,
+    task, quality) triples, from a [[grids]] entry that names its own ``table``), or, for the
+    definition's own ``table`` (``cells`` None), every run that no other page shows."""
+
+    table: str
+    plots: str
+    cells: frozenset[tuple[str, str, str]] | None = None
+
+
+def definition_pages(d: dict[str, Any]) -> list[Page]:
+    """The pages a definition writes: one per ``table`` its [[grids]] entries name (an entry's
+    cells: its algorithms x tasks x qualities, each falling back to the definition's), then its
+    own ``table`` for the rest. Entries naming the same table share a page. None where no entry
+    names a table (the definition's ``table`` shows every run)."""
+    cells: dict[str, set[tuple[str, str, str]]] = {}
+    plots: dict[str, str] = {}
+    for g in d.get("grids", []):
+        if not g.get("table"):
+            continue
+        algos = g.get("algos") or list(d.get("algos", {}))
+        tasks, qualities = g.get("tasks") or d.get("tasks", []), g.get("qualities") or d.get("qualities", [])
+        cells.setdefault(g["table"], set()).update(itertools.product([Path(a).stem for a in algos], tasks, qualities))
+        plots[g["table"]] = plots.get(g["table"]) or g.get("plots", "")
+    if not cells:
+        return []  # one page: the definition's table
+    pages = [Page(t, plots[t], frozenset(c)) for t, c in cells.items()]
+    return pages + [Page(d.get("table", ""), d.get("plots", ""))]
+
+
+def _on_page(r: RunRecord, page: Page, pages: Sequence[Page]) -> bool:
+    if page.cells is not None:
+        return (r.algo, r.task, r.quality) in page.cells
+    return not any((r.algo, r.task, r.quality) in p.cells for p in pages if p.cells is not None)
+
+
+def _tables(runs: list[RunRecord], unfinished: int, root: Path, reps: int, header: str,
+            paper: dict[str, dict[str, str]] | None, by_algorithm: Sequence[str],
+            records: str | Path | None) -> tuple[str, list[GroupStats]]:
+    stats = aggregate(runs, reps=reps)
+    md = (header + "\n\n" if header else "") + markdown_tables(stats, runs, paper=paper, by_algorithm=by_algorithm)
+    if unfinished:
+        md += f"\n{unfinished} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
+    if records is not None:  # where the numbers come from (a test checks the pages against it)
+        where = Path(records).resolve()
+        md += f"\n<!-- records: {where.relative_to(REPO) if where.is_relative_to(REPO) else where} -->\n"
+    return md, stats
+
+
 def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int = 2000,
                   header: str = "", paper: dict[str, dict[str, str]] | None = None,
                   by_algorithm: Sequence[str] = (), records: str | Path | None = None,
-                  allow_fewer: bool = False) -> tuple[str, list[GroupStats]]:
+                  allow_fewer: bool = False, pages: Sequence[Page] = ()) -> tuple[str, list[GroupStats]]:
     """Aggregate every run under ``root`` and in ``records`` (first brought up to date from
     ``root``: ``save_records``): ``<root>/results.md``, ``<root>/metrics.json`` (merged
     marl-eval), plots in ``plots`` (default ``<root>/plots``); ``table`` also receives the
     Markdown (between its markers, if it has them: ``write_table_file``, which refuses to show
-    fewer runs than the page does unless ``allow_fewer``)."""
+    fewer runs than the page does unless ``allow_fewer``).
+
+    ``pages`` (``definition_pages``) replaces ``table`` and ``plots``: each page gets the tables
+    and plots of its own runs (a page with none here is left as it is); a page refused by
+    ``write_table_file`` does not stop the others, its error is raised after them. Returns the
+    Markdown and statistics of all runs (those of ``<root>/results.md``)."""
     root = Path(root)
     if records is not None:
         save_records(root, records)
     runs = load_runs(root, records=records)
     if not runs:
         raise BenchmarkError(f"no finished evaluations under {root}" + (f" or in {records}" if records else ""))
-    stats = aggregate(runs, reps=reps)
-    md = (header + "\n\n" if header else "") + markdown_tables(stats, runs, paper=paper, by_algorithm=by_algorithm)
-    left_out = len(load_runs(root, include_unfinished=True)) - len(load_runs(root))
-    if left_out:
-        md += f"\n{left_out} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
-    if records is not None:  # where the numbers come from (a test checks the pages against it)
-        where = Path(records).resolve()
-        md += f"\n<!-- records: {where.relative_to(REPO) if where.is_relative_to(REPO) else where} -->\n"
+    unfinished = [r for r in load_runs(root, include_unfinished=True) if not _finished(r.metrics)]
+    md, stats = _tables(runs, len(unfinished), root, reps, header, paper, by_algorithm, records)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.md").write_text(md)
     (root / "metrics.json").write_text(json.dumps(merged_metrics(runs), indent=1))
-    if table:
-        write_table_file(table, md, allow_fewer)
-    plot(runs, stats, plots or root / "plots")
+    if not pages:
+        if table:
+            write_table_file(table, md, allow_fewer)
+        plot(runs, stats, plots or root / "plots")
+        return md, stats
+    refused = []
+    for page in pages:
+        mine = [r for r in runs if _on_page(r, page, pages)]
+        if not mine or not (page.table or page.plots):
+            continue
+        page_md, page_stats = _tables(mine, sum(_on_page(r, page, pages) for r in unfinished), root, reps,
+                                      header, paper, by_algorithm, records)
+        try:
+            if page.table:
+                write_table_file(page.table, page_md, allow_fewer)
+        except FewerRunsError as e:
+            refused.append(e)
+            continue
+        plot(mine, page_stats, page.plots or root / "plots" / Path(page.table).stem)
+        print(f"tables written to {page.table}" if page.table else f"plots written to {page.plots}")
+    if refused:
+        raise refused[0]
     return md, stats
 
 
@@ -871,9 +939,10 @@ class RunArgs:
     ray_gpus: float = 0.0
     """ray: GPUs per run."""
     table: str = ""
-    """Also write the Markdown tables here (default: the definition's `table`)."""
+    """Also write the Markdown tables of every run here (default: the definition's pages: its
+    `table`, and the `table` of each [[grids]] entry that names one, for that entry's runs)."""
     plots: str = ""
-    """Folder for the PNG plots (default: the definition's `plots`, else <root>/plots)."""
+    """Folder for the PNG plots of every run (default: the definition's pages' `plots`, else <root>/plots)."""
     dry_run: bool = False
     """Print the commands (with --resume where it applies) and stop."""
     records: str = ""
@@ -892,6 +961,7 @@ class AggregateArgs:
     definition: str = ""
     """A benchmark definition: its root, table, plots, header and [paper] lines (flags override them)."""
     table: str = ""
+    """Write the Markdown tables of every run here (default: the definition's pages, as for run)."""
     plots: str = ""
     reps: int = 2000
     """Bootstrap resamples."""
@@ -934,9 +1004,12 @@ def _check_definition(d: dict[str, Any], path: Path) -> None:
         if not isinstance(g, dict):
             raise BenchmarkError(f"{path}: grids must be [[grids]] tables, got {g!r}")
         for key, value in g.items():
-            if key not in ("algos", "tasks", "qualities", "seeds") or not isinstance(value, list):
+            if not (key in ("algos", "tasks", "qualities", "seeds") and isinstance(value, list)
+                    or key in ("table", "plots") and isinstance(value, str)):
                 raise BenchmarkError(f"{path}: a [[grids]] entry may set algos, tasks, qualities and seeds, "
-                                     f"each a list; got {key} = {value!r}")
+                                     f"each a list, and its own page: table and plots, strings; got {key} = {value!r}")
+        if g.get("plots") and not g.get("table"):
+            raise BenchmarkError(f"{path}: a [[grids]] entry with plots needs its table (its page) too")
     for where in [d, *d.get("grids", [])]:
         for key in ("tasks", "qualities", "algos"):
             if key in where and where is not d or key in ("tasks", "qualities"):
@@ -1030,11 +1103,14 @@ def main_run(a: RunArgs) -> int:
     print(report(results))
     table = a.table or ("" if variant else d.get("table", ""))
     plots = a.plots or ("" if variant else d.get("plots", ""))
+    # the definition's pages (its [[grids]] entries' own tables), unless --table/--plots or --extra say otherwise
+    pages = [] if a.table or a.plots or variant else definition_pages(d)
     try:
         md, _ = write_outputs(root, table, plots, header=d.get("header", ""), paper=d.get("paper"),
-                              by_algorithm=d.get("by_algorithm", []), records=records, allow_fewer=a.allow_fewer_runs)
+                              by_algorithm=d.get("by_algorithm", []), records=records, allow_fewer=a.allow_fewer_runs,
+                              pages=pages)
         print(md)
-        if table:
+        if table and not pages:
             print(f"tables written to {table}")
         if variant and not a.table and d.get("table"):
             print(f"--extra changes the definition's runs, so its table {d['table']} and plots are left as they "
@@ -1066,10 +1142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (cmd.root or d):
             raise BenchmarkError("aggregate needs --root (a folder of runs) or --definition")
         root = cmd.root or REPO / "benchmark_runs" / d["name"]
-        md, _ = write_outputs(root, cmd.table or d.get("table", ""), cmd.plots or d.get("plots", ""), cmd.reps,
+        table = cmd.table or d.get("table", "")
+        pages = [] if cmd.table or cmd.plots or not d else definition_pages(d)
+        md, _ = write_outputs(root, table, cmd.plots or d.get("plots", ""), cmd.reps,
                               header=d.get("header", ""), paper=d.get("paper"), by_algorithm=d.get("by_algorithm", []),
-                              records=_records_arg(cmd.records, root), allow_fewer=cmd.allow_fewer_runs)
+                              records=_records_arg(cmd.records, root), allow_fewer=cmd.allow_fewer_runs, pages=pages)
         print(md)
+        if table and not pages:
+            print(f"tables written to {table}")
         return 0
 
 

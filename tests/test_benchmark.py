@@ -612,6 +612,62 @@ def test_a_page_is_not_rewritten_with_fewer_runs_than_it_shows(tmp_path, capsys)
     assert "| a |" in (runs / "results.md").read_text()
 
 
+def test_a_definitions_sub_grid_writes_its_own_page(tmp_path, capsys):
+    """A [[grids]] entry that names its own table (and plots) gets a page of its runs; the
+    definition's table gets every other run. A page refused by the guard leaves the others written."""
+    runs, main, sub = tmp_path / "runs", tmp_path / "main.md", tmp_path / "sub.md"
+    for seed in range(2):
+        _write_run(runs, "a", seed, [1.0], curve=[1.0])
+        _write_run(runs, "b", seed, [2.0], curve=[2.0])
+        _write_run(runs, "b", seed + 10, [3.0 + seed], curve=[3.0], task="easy")
+        _write_run(runs, "a", seed + 10, [4.0], curve=[4.0], task="other")  # in no entry: the main page
+    definition = tmp_path / "def.toml"
+    definition.write_text(textwrap.dedent(f'''
+        env = "bridge"
+        qualities = ["mix"]
+        table = "{main}"
+        plots = "{tmp_path / 'plots'}"
+        [algos]
+        "a.py" = ""
+        "b.py" = ""
+        [[grids]]
+        tasks = ["hard"]
+        [[grids]]
+        algos = ["b.py"]
+        tasks = ["easy", "hard"]
+        table = "{sub}"
+        plots = "{tmp_path / 'sub_plots'}"
+    '''))
+    d = bm.load_definition(definition)
+    pages = bm.definition_pages(d)
+    assert [p.table for p in pages] == [str(sub), str(main)]
+    assert pages[0].cells == {("b", "easy", "mix"), ("b", "hard", "mix")} and pages[1].cells is None
+    bm.main(["aggregate", "--definition", str(definition), "--root", str(runs), "--records", "none", "--reps", "50"])
+    assert bm._cells_shown(sub.read_text()) == {("bridge", "easy", "mix", "b"): 2, ("bridge", "hard", "mix", "b"): 2}
+    assert bm._cells_shown(main.read_text()) == {("bridge", "hard", "mix", "a"): 2, ("bridge", "other", "mix", "a"): 2}
+    assert {p.name for p in (tmp_path / "sub_plots").glob("*.png")} == {
+        "bridge__easy__mix.png", "bridge__hard__mix.png", "bridge__iqm.png"}
+    assert not (tmp_path / "plots" / "bridge__easy__mix.png").exists()
+    assert len(bm._cells_shown((runs / "results.md").read_text())) == 4  # the root's own tables: every run
+    out = capsys.readouterr().out
+    assert f"tables written to {sub}" in out and f"tables written to {main}" in out
+    # the main page lacks a run now: refused, and the sub-grid's page is still brought up to date
+    shutil.rmtree(runs / "a_0")
+    _write_run(runs, "b", 12, [9.0], curve=[9.0], task="easy")
+    with pytest.raises(SystemExit) as exit_:
+        bm.main(["aggregate", "--definition", str(definition), "--root", str(runs), "--records", "none", "--reps", "50"])
+    assert exit_.value.code == 2 and f"{main} shows 1 cell(s)" in capsys.readouterr().err
+    assert bm._cells_shown(sub.read_text())[("bridge", "easy", "mix", "b")] == 3
+    assert bm._cells_shown(main.read_text())[("bridge", "hard", "mix", "a")] == 2
+    # --table puts every run on the one page named, as without pages
+    bm.main(["aggregate", "--definition", str(definition), "--root", str(runs), "--records", "none", "--reps", "50",
+             "--table", str(tmp_path / "all.md")])
+    assert len(bm._cells_shown((tmp_path / "all.md").read_text())) == 4
+    definition.write_text(definition.read_text().replace(f'table = "{sub}"\n', ""))
+    with pytest.raises(bm.BenchmarkError, match="plots needs its table"):
+        bm.load_definition(definition)
+
+
 def test_a_fresh_clone_does_not_run_again_what_its_records_hold(tmp_path, algos, capsys):
     """A run recorded with the same command is done, though its folder is not in this checkout; a
     record of other flags (the definition changed since) is not, and the run then replaces it."""
@@ -649,6 +705,11 @@ def test_results_pages_agree_with_their_records():
     added without the page rewritten, or a number edited by hand, fail here."""
     import re
 
+    # a definition's pages: a page of a [[grids]] entry shows that entry's runs, its main page the rest
+    named = {}
+    for definition in sorted((REPO / "benchmarks").glob("*.toml")):
+        ps = bm.definition_pages(bm.load_definition(definition))
+        named.update({(REPO / p.table).resolve(): (p, ps) for p in ps if p.table})
     pages = 0
     for page in sorted((REPO / "docs" / "results").glob("*.md")):
         text = page.read_text()
@@ -659,6 +720,8 @@ def test_results_pages_agree_with_their_records():
             continue  # tables written before the records existed
         pages += 1
         runs = bm.load_runs(REPO / "no-such-folder", records=REPO / m.group(1))
+        if page.resolve() in named:
+            runs = [r for r in runs if bm._on_page(r, *named[page.resolve()])]
         assert runs, f"{page.name} names {m.group(1)}, which holds no records"
         expected = _details_rows(bm.markdown_tables(bm.aggregate(runs, reps=20), runs))
         assert _details_rows(text) == expected, f"{page.name} is not what {m.group(1)} gives: aggregate again"
