@@ -160,7 +160,9 @@ def execute(spec: RunSpec, root: str, threads: int = 1, python: str = sys.execut
         if old != spec.fingerprint() and status == "interrupted":  # a cell that never checkpointed may change
             return RunResult(spec, "failed", -1, 0.0,
                              f"{d} holds a run with other flags (fingerprint {old}); use another output root")
-    fp.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": dataclasses.asdict(spec)}, indent=2))
+    spent = json.loads(fp.read_text()).get("wall_seconds", 0.0) if fp.is_file() and status == "interrupted" else 0.0
+    fp.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": dataclasses.asdict(spec),
+                              "wall_seconds": spent}, indent=2))
     # the algorithm files import `common`: make this checkout importable even when not pip-installed
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
@@ -185,6 +187,10 @@ def execute(spec: RunSpec, root: str, threads: int = 1, python: str = sys.execut
             with _CHILDREN_LOCK:
                 _CHILDREN.discard(proc)
     dt = time.time() - t0
+    # what the run cost: its wall time, start-up, pre-training and evaluations included (summed over resumes)
+    info = json.loads(fp.read_text())
+    info["wall_seconds"] = round(info.get("wall_seconds", 0.0) + dt, 1)
+    fp.write_text(json.dumps(info, indent=2))
     if rc == 0 and (d / "done.json").is_file():
         return RunResult(spec, "ok", 0, dt)
     if rc == 0:
@@ -368,6 +374,8 @@ class RunRecord:
     best: float  # best mean return over the evaluations
     win_final: float | None
     metrics: dict[str, Any]
+    train_s: float | None = None  # done.json's train_seconds: the updates' wall time (no start-up, no evaluations)
+    wall_s: float | None = None  # the runner's benchmark.json: the whole run's wall time (all of it)
 
 
 def _finished(metrics: dict[str, Any]) -> bool:
@@ -376,8 +384,10 @@ def _finished(metrics: dict[str, Any]) -> bool:
 
 
 def _run_record(cfg: dict[str, Any], metrics: dict[str, Any], where: Path,
-                include_unfinished: bool) -> RunRecord | None:
-    """A RunRecord from a run's config.json and metrics.json (None: unfinished and not asked for)."""
+                include_unfinished: bool, done: dict[str, Any] | None = None,
+                bench: dict[str, Any] | None = None) -> RunRecord | None:
+    """A RunRecord from a run's config.json, metrics.json, and done.json and the runner's
+    benchmark.json where it has them (None: unfinished and not asked for)."""
     try:
         (env, tasks), = metrics.items()
         (task_key, algos), = tasks.items()
@@ -399,8 +409,13 @@ def _run_record(cfg: dict[str, Any], metrics: dict[str, Any], where: Path,
     else:
         return None  # unfinished (or no evaluation yet)
     best = float(max(curve.max() if len(curve) else -np.inf, final))
+    def seconds(d: dict[str, Any] | None, key: str) -> float | None:
+        x = (d or {}).get(key)
+        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 else None
+
     return RunRecord(env, cfg.get("task", task_key.split("__")[0]), cfg.get("quality", ""), algo,
-                     int(cfg.get("seed", seed_key.split("_")[-1])), steps, curve, final, best, win, metrics)
+                     int(cfg.get("seed", seed_key.split("_")[-1])), steps, curve, final, best, win, metrics,
+                     seconds(done, "train_seconds"), seconds(bench, "wall_seconds"))
 
 
 def _run_dirs(root: Path) -> dict[str, Path]:
@@ -472,8 +487,10 @@ def load_runs(root: str | Path, include_unfinished: bool = False,
     out = []
     dirs = _run_dirs(Path(root)) if Path(root).is_dir() else {}
     for name, d in dirs.items():
+        done, bench = (json.loads((d / f).read_text()) if (d / f).is_file() else None
+                       for f in ("done.json", "benchmark.json"))
         r = _run_record(json.loads((d / "config.json").read_text()), json.loads((d / "metrics.json").read_text()),
-                        d / "metrics.json", include_unfinished)
+                        d / "metrics.json", include_unfinished, done, bench)
         if r is not None:
             out.append(r)
     if records is not None and Path(records).is_dir():
@@ -485,7 +502,8 @@ def load_runs(root: str | Path, include_unfinished: bool = False,
                 cfg, metrics = rec["config"], rec["metrics"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise BenchmarkError(f"{path} is not a run record (config and metrics of one run)") from None
-            r = _run_record(cfg, metrics, path, include_unfinished)
+            done, bench = (x if isinstance(x, dict) else None for x in (rec.get("done"), rec.get("benchmark")))
+            r = _run_record(cfg, metrics, path, include_unfinished, done, bench)
             if r is not None:
                 out.append(r)
     return out
@@ -611,6 +629,7 @@ def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: i
                      f"{_fmt(s.best_mean, digits)} ± {_fmt(s.best_std, digits)} | "
                      f"{_fmt(s.iqm, digits)} [{_fmt(s.iqm_lo, digits)}, {_fmt(s.iqm_hi, digits)}] | "
                      f"{'' if s.win_mean is None else _fmt(s.win_mean, 2)} |")
+    lines += _time_table(records)
     for env in sorted({s.env for s in stats}):
         recs = [r for r in records if r.env == env]
         env_algos = sorted({r.algo for r in recs})
@@ -638,6 +657,35 @@ def markdown_tables(stats: list[GroupStats], records: list[RunRecord], digits: i
                 row.append(f"{p:.2f}")
             lines.append(f"| {a} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _time_table(records: list[RunRecord]) -> list[str]:
+    """What the runs cost, by algorithm and task: minutes per run of training (done.json's
+    train_seconds: the updates only) and, where the runner recorded it, of the whole run (start-up,
+    pre-training, evaluations; since 2026-12-07), on the machine that ran them; process-hours in all."""
+    timed = [r for r in records if r.train_s is not None or r.wall_s is not None]
+    if not timed:
+        return []
+    walled = [r for r in timed if r.wall_s is not None]
+    tasks = sorted({(r.env, r.task) for r in timed})
+    total = f"{sum(r.train_s or 0.0 for r in timed) / 3600:.1f} process-hours of training"
+    if walled:
+        total += f", {sum(r.wall_s for r in walled) / 3600:.1f} of whole runs ({len(walled)} runs timed whole)"
+    lines = ["", "What the runs cost, minutes per run (mean over qualities and seeds, on the machine that ran "
+             "them): training (the updates) / the whole run (start-up, pre-training and evaluations too, where "
+             f"the runner recorded it); {len(timed)} runs, {total}.", "",
+             "| algo | " + " | ".join(f"{e} {t}" for e, t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for algo in sorted({r.algo for r in timed}):
+        cells = []
+        for task in tasks:
+            rs = [r for r in timed if r.algo == algo and (r.env, r.task) == task]
+            train = [r.train_s for r in rs if r.train_s is not None]
+            wall = [r.wall_s for r in rs if r.wall_s is not None]
+            cells.append("" if not rs else
+                         f"{np.mean(train) / 60 if train else float('nan'):.1f} / "
+                         f"{f'{np.mean(wall) / 60:.1f}' if wall else '–'} (n={len(rs)})")
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _by_algorithm_table(stats: list[GroupStats], quality: str, paper: dict[str, dict[str, str]],

@@ -115,8 +115,12 @@ def test_local_grid_skips_resumes_and_reports_failures(tmp_path, algos):
     # every run "was killed" after 2 of its 4 evaluations: checkpoint present, no done.json
     assert all(r.status == "failed" for r in res)
     assert all(bm.run_status(s, root) == "interrupted" for s in specs)
+    wall = {s: json.loads((s.run_dir(root) / "benchmark.json").read_text())["wall_seconds"] for s in specs}
     res = bm.run_grid(specs, root, workers=2, progress=False)  # re-run: resumes each from its checkpoint
     assert all(r.status == "ok" for r in res), bm.report(res)
+    for r in res:  # the run's wall time counts both attempts
+        assert json.loads((r.spec.run_dir(root) / "benchmark.json").read_text())["wall_seconds"] == pytest.approx(
+            wall[r.spec] + r.seconds, abs=0.2) and wall[r.spec] > 0
     for s in specs:
         log = (s.run_dir(root) / "log.txt").read_text()
         assert log.count("--resume") == 1
@@ -676,6 +680,12 @@ def test_a_fresh_clone_does_not_run_again_what_its_records_hold(tmp_path, algos,
            "--seeds", "0", "1", "--root", str(root), "--records", str(records), "--extra=--total-steps 200"]
     assert bm.main(cmd) == 0
     first = (root / "results.md").read_text()
+    # what the runs cost goes with them: the training time (done.json) and the whole run's (the runner)
+    import re
+    rec = json.loads((records / "bridge__hard__mix__fake_a__0.json").read_text())
+    assert 0 <= rec["done"]["train_seconds"] < rec["benchmark"]["wall_seconds"]
+    train, wall = map(float, re.search(r"\| fake_a \| ([0-9.]+) / ([0-9.]+) \(n=2\) \|", first).groups())
+    assert 0 <= train <= wall and "2 runs timed whole" in first
     shutil.rmtree(root)  # a fresh clone: the records only
     capsys.readouterr()
     assert bm.main(cmd + ["--dry-run"]) == 0
