@@ -409,6 +409,7 @@ def _run_record(cfg: dict[str, Any], metrics: dict[str, Any], where: Path,
     else:
         return None  # unfinished (or no evaluation yet)
     best = float(max(curve.max() if len(curve) else -np.inf, final))
+
     def seconds(d: dict[str, Any] | None, key: str) -> float | None:
         x = (d or {}).get(key)
         return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 else None
