@@ -889,13 +889,10 @@ def _on_page(r: RunRecord, page: Page, pages: Sequence[Page]) -> bool:
     return not any((r.algo, r.task, r.quality) in p.cells for p in pages if p.cells is not None)
 
 
-def _tables(runs: list[RunRecord], unfinished: int, root: Path, reps: int, header: str,
-            paper: dict[str, dict[str, str]] | None, by_algorithm: Sequence[str],
-            records: str | Path | None) -> tuple[str, list[GroupStats]]:
+def _tables(runs: list[RunRecord], reps: int, header: str, paper: dict[str, dict[str, str]] | None,
+            by_algorithm: Sequence[str], records: str | Path | None) -> tuple[str, list[GroupStats]]:
     stats = aggregate(runs, reps=reps)
     md = (header + "\n\n" if header else "") + markdown_tables(stats, runs, paper=paper, by_algorithm=by_algorithm)
-    if unfinished:
-        md += f"\n{unfinished} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n"
     if records is not None:  # where the numbers come from (a test checks the pages against it)
         where = Path(records).resolve()
         md += f"\n<!-- records: {where.relative_to(REPO) if where.is_relative_to(REPO) else where} -->\n"
@@ -922,23 +919,27 @@ def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int 
     runs = load_runs(root, records=records)
     if not runs:
         raise BenchmarkError(f"no finished evaluations under {root}" + (f" or in {records}" if records else ""))
-    unfinished = [r for r in load_runs(root, include_unfinished=True) if not _finished(r.metrics)]
-    md, stats = _tables(runs, len(unfinished), root, reps, header, paper, by_algorithm, records)
+    md, stats = _tables(runs, reps, header, paper, by_algorithm, records)
+    # runs still training here: said in <root>/results.md and on the terminal, not on the pages
+    # (committed, they would describe this machine's state, not the records')
+    unfinished = len(load_runs(root, include_unfinished=True)) - len(load_runs(root))
+    note = f"\n{unfinished} unfinished run(s) under {root.name}/ left out (no final evaluation yet).\n" if unfinished else ""
+    if note:
+        print(note.strip())
     root.mkdir(parents=True, exist_ok=True)
-    (root / "results.md").write_text(md)
+    (root / "results.md").write_text(md + note)
     (root / "metrics.json").write_text(json.dumps(merged_metrics(runs), indent=1))
     if not pages:
         if table:
             write_table_file(table, md, allow_fewer)
         plot(runs, stats, plots or root / "plots")
-        return md, stats
+        return md + note, stats
     refused = []
     for page in pages:
         mine = [r for r in runs if _on_page(r, page, pages)]
         if not mine or not (page.table or page.plots):
             continue
-        page_md, page_stats = _tables(mine, sum(_on_page(r, page, pages) for r in unfinished), root, reps,
-                                      header, paper, by_algorithm, records)
+        page_md, page_stats = _tables(mine, reps, header, paper, by_algorithm, records)
         try:
             if page.table:
                 write_table_file(page.table, page_md, allow_fewer)
@@ -949,7 +950,7 @@ def write_outputs(root: str | Path, table: str = "", plots: str = "", reps: int 
         print(f"tables written to {page.table}" if page.table else f"plots written to {page.plots}")
     if refused:
         raise refused[0]
-    return md, stats
+    return md + note, stats
 
 
 def _records_arg(value: str, root: str | Path) -> Path | None:

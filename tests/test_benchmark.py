@@ -245,8 +245,11 @@ def test_unfinished_runs_are_left_out_of_the_tables(tmp_path):
     run.log_eval(100, dict(returns=[-50.0], won=None, return_mean=-50.0, return_std=0.0, length_mean=1.0))
     assert [r.seed for r in bm.load_runs(tmp_path)] == [0]
     assert sorted(r.final for r in bm.load_runs(tmp_path, include_unfinished=True)) == [-50.0, 5.0]
-    md, stats = bm.write_outputs(tmp_path, plots=str(tmp_path / "plots"), reps=100)
+    md, stats = bm.write_outputs(tmp_path, table=str(tmp_path / "page.md"), plots=str(tmp_path / "plots"), reps=100)
     assert stats[0].n == 1 and stats[0].final_mean == 5.0 and "1 unfinished run(s)" in md
+    assert "1 unfinished run(s)" in (tmp_path / "results.md").read_text()
+    # the page is committed: what is still training on this machine is not its business
+    assert "unfinished" not in (tmp_path / "page.md").read_text()
 
 
 def test_bootstrap_ci_covers_true_mean():
