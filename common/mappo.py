@@ -276,7 +276,22 @@ def load_policy(checkpoint: str | os.PathLike, device: str = "cpu", deterministi
 
 def learn(cfg: LearnConfig, command: str | None = None):
     """Train and record; returns the ``OfflineDataset`` of the recorded episodes (not
-    saved: ``main`` saves it at ``--out``)."""
+    saved: ``main`` saves it at ``--out``).
+
+    Runs on one intra-op thread, whatever the caller set: the thread count changes the order
+    of torch's floating-point sums, and over a learning run that changes the policy and so the
+    data (test_a_learning_run_does_not_depend_on_the_callers_thread_count). With one thread the
+    data depends on the seed alone; the small networks here lose little or nothing by it (the
+    environments are the cost: docs/datasets.md, learning runs)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _learn(cfg, command)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _learn(cfg: LearnConfig, command: str | None):
     from tqdm.auto import tqdm
 
     from common.collect import episodes_to_dataset, parse_env_options
