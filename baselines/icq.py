@@ -433,22 +433,30 @@ def main(args: Args) -> dict[str, Any]:
         pout = policy.unroll(xp)  # [B, L+1, N, out], with gradient (policy step below)
 
         with torch.no_grad():
-            q_t = critic_t(xc, act)  # [B, L+1, N] target Q_i at the dataset actions
-            qtot_t = mixer_t(q_t, state)  # [B, L+1]
-            # the observation after a time-limit cut has no dataset action: its value under pi instead
+            # target Q_i at the dataset actions [B, L+1, N], and (the observation after a time-limit cut
+            # has no dataset action) the value under pi instead; discrete: one pass gives both
             if disc:
+                q_all_t = critic_t.all_actions(xc)  # [B, L+1, N, K]
+                q_t = q_all_t.gather(-1, act.unsqueeze(-1)).squeeze(-1)
                 pi = torch.softmax(masked_logits(pout.detach(), avail), -1)
-                v_i = (pi * critic_t.all_actions(xc)).sum(-1)
+                v_i = (pi * q_all_t).sum(-1)
             else:
+                q_t = critic_t(xc, act)
                 mu, _ = policy.gauss(pout.detach())
                 v_i = critic_t(xc, torch.tanh(mu))
+            qtot_t = mixer_t(q_t, state)  # [B, L+1]
             vtot_t = mixer_t(v_i, state)
             # Eq. I2-I3: TD(lambda) over the dataset's own next actions, weighted by exp(Q_tot/alpha)/Z
             y, loss_mask, rho = critic_targets(b, qtot_t, vtot_t, bool(seq_len), args.alpha_critic, args.gamma,
                                                args.td_lambda)
 
-        # critic step: Q_tot(s_t, a_t) regressed on the TD(lambda) target
-        q_taken = critic(xc[:, :L], act[:, :L])
+        # critic step: Q_tot(s_t, a_t) regressed on the TD(lambda) target. Discrete: the pass over all
+        # actions also gives the policy step its baseline below (detached), so the critic runs once
+        if disc:
+            q_all = critic.all_actions(xc[:, :L])  # [B, L, N, K]
+            q_taken = q_all.gather(-1, act[:, :L].unsqueeze(-1)).squeeze(-1)
+        else:
+            q_taken = critic(xc[:, :L], act[:, :L])
         qtot = mixer(q_taken, state[:, :L])
         n_loss = loss_mask.sum().clamp(min=1.0)
         critic_loss = (((qtot - y) ** 2) * loss_mask).sum() / n_loss  # Eq. I3
@@ -456,13 +464,11 @@ def main(args: Args) -> dict[str, Any]:
         # policy step (Eq. I4): weighted behaviour cloning with weights exp(w_i A_i / alpha) / Z_i
         with torch.no_grad():
             w_mix, _ = mixer.weights(state[:, :L])  # [B, L, N]
+            q_a = q_taken.detach()  # Q_i at the dataset actions, before this update's critic step
             if disc:
-                q_all = critic.all_actions(xc[:, :L])
-                q_a = q_all.gather(-1, act[:, :L].unsqueeze(-1)).squeeze(-1)
                 pi = torch.softmax(masked_logits(pout[:, :L].detach(), avail[:, :L]), -1)
-                adv = q_a - (pi * q_all).sum(-1)  # counterfactual baseline E_{pi_i} Q_i
+                adv = q_a - (pi * q_all.detach()).sum(-1)  # counterfactual baseline E_{pi_i} Q_i
             else:
-                q_a = critic(xc[:, :L], act[:, :L])
                 mu, log_std = policy.gauss(pout[:, :L].detach())
                 M = args.n_baseline_samples
                 eps = torch.randn((M,) + mu.shape, device=mu.device, generator=gen)
