@@ -205,6 +205,10 @@ class TwinQ(nn.Module):
         xa = torch.cat([x, a], dim=-1)
         return torch.stack([q(xa).squeeze(-1) for q in self.q])
 
+    def first(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Q_i^1 alone (the perturbation's objective, Eq. B7): ``[..., N]``."""
+        return self.q[0](torch.cat([x, a], dim=-1)).squeeze(-1)
+
 
 class VAE(nn.Module):
     """Conditional VAE G_i(a_i | o_i) of the behaviour actions (BCQ's generative model)."""
@@ -370,7 +374,7 @@ def main(args: Args) -> dict[str, Any]:
         with torch.no_grad():
             g = nets["vae"].decode(x)
         a_new = perturb(g, nets["actor"](x, g), args.phi)
-        actor_loss = -((w.detach()[0] * q(x, a_new)[0]).sum(-1) + bias.detach()[0]).mean()  # Eq. B7
+        actor_loss = -((w.detach()[0] * q.first(x, a_new)).sum(-1) + bias.detach()[0]).mean()  # Eq. B7
         step_on("actor", actor_loss)
         for t in ("q", "mixer", "actor"):
             polyak(nets[t + "_target"], nets[t], args.tau)

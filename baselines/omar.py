@@ -379,7 +379,7 @@ def main(args: Args) -> dict[str, Any]:
         # Eq. M3-M4: the optimiser's search is exhaustive over the available actions
         probs = actor(x, av)
         with torch.no_grad():
-            q_new = critic(x)[0]  # Q_i^1 after the critic step, as in the continuous case
+            q_new = critic.q1(x)  # Q_i^1 after the critic step, as in the continuous case
             a_hat = F.one_hot(q_new.masked_fill(~av, float("-inf")).argmax(-1), probs.shape[-1]).float()
         q_pi = (probs * q_new).sum(-1)
         # Eq. M4 with the policy's probability vector in place of the continuous action (discrete variant)
