@@ -28,9 +28,13 @@ The run lives in ``run_dir`` (default ``$OFFLINE_MARL_DATA/learn/<env>/<task>/<q
 ``checkpoint.pt`` (networks, optimiser, normalisers, counters, random generators;
 written every ``checkpoint_every`` seconds at an update boundary), ``episodes/`` (each
 recorded episode as an ``.npz``, written when it ends) and ``log.jsonl`` (one line per
-update). Running the same command again resumes from the checkpoint; the episodes that
-were running at that moment start over (a resumed run is therefore not bit-identical to
-an uninterrupted one).
+update). Running the same command again resumes from the checkpoint: the checkpoint keeps,
+for every environment, the seed of its running episode and the actions taken in it since,
+and the resumed run replays them, so every environment is back where it was and the run
+goes on as if it had not stopped (the same data and weights to the bit as an uninterrupted
+run). An environment that does not replay to the same observations (one that draws random
+numbers the reset seed does not fix) is started afresh instead, with a warning, and its cut
+episodes are recorded later ones.
 """
 
 from __future__ import annotations
@@ -320,6 +324,7 @@ def _learn(cfg: LearnConfig, command: str | None):
     ckpt = run_dir / "checkpoint.pt"
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
     config["env_options"] = list(cfg.env_options)
+    saved = None  # the running episodes at the checkpoint, to replay
     if ckpt.is_file():
         ck = _load(ckpt, device)
         same = {k: ck["config"].get(k) for k in ("env", "task", "seed", "critic", "record", "hidden")}
@@ -330,14 +335,10 @@ def _learn(cfg: LearnConfig, command: str | None):
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
         state = ck["state"]
-        state["owed"] += state.pop("running", 0)  # episodes cut by the interruption: record later ones instead
+        if "episodes" in ck and len(ck["episodes"]["seed"]) == cfg.n_envs:
+            saved = ck
     reset_base = int(np.random.default_rng([cfg.seed, 11]).integers(0, 2**30))
     envs = _Envs(env, E, cfg.workers)
-
-    def save_checkpoint(running: int) -> None:
-        _atomic_save(dict(format=CKPT_FORMAT, config=config, dims=list(dims), total=total, model=model.state_dict(),
-                          opt=opt.state_dict(), gen=gen.get_state(),
-                          state={**state, "running": running}), ckpt)
 
     obs = np.zeros((E, N, env.obs_dim), np.float32)
     st = np.zeros((E, env.state_dim), np.float32)
@@ -345,6 +346,17 @@ def _learn(cfg: LearnConfig, command: str | None):
     ep_ret = np.zeros(E)
     recording: list[dict[str, list] | None] = [None] * E
     recent: deque[float] = deque(maxlen=100)
+    ep_seed = [0] * E  # the reset seed of each environment's running episode
+    ep_actions: list[list[np.ndarray]] = [[] for _ in range(E)]  # and the actions taken in it so far
+
+    def save_checkpoint(running: int, final: bool = False) -> None:
+        extra = {}
+        if not final:  # what replays the running episodes on resume (restore below)
+            extra = dict(recent=list(recent), episodes=dict(
+                seed=list(ep_seed), recording=[r is not None for r in recording], obs=torch.as_tensor(obs),
+                actions=[torch.as_tensor(np.asarray(a, np.int64).reshape(len(a), N)) for a in ep_actions]))
+        _atomic_save(dict(format=CKPT_FORMAT, config=config, dims=list(dims), total=total, model=model.state_dict(),
+                          opt=opt.state_dict(), gen=gen.get_state(), state={**state, "running": running}, **extra), ckpt)
 
     def owed() -> int:  # recorded episodes still to start
         return cfg.record - state["marks"] + state["owed"]
@@ -359,6 +371,7 @@ def _learn(cfg: LearnConfig, command: str | None):
             obs[i], st[i], avail[i] = o, s, a
             ep_ret[i] = 0.0
             recording[i] = None
+            ep_seed[i], ep_actions[i] = todo[i], []
             if state["owed"] > 0:
                 state["owed"] -= 1
             elif state["marks"] < cfg.record and (after_budget or state["step"] >= state["marks"] * interval):
@@ -366,6 +379,29 @@ def _learn(cfg: LearnConfig, command: str | None):
             else:
                 continue
             recording[i] = dict(obs=[o.copy()], state=[s.copy()], avail=[a.copy()], actions=[], reward=[])
+
+    def restore(saved: dict[str, Any]) -> bool:
+        """Bring the environments back to the checkpoint: reset each with its running episode's
+        seed, then take the same actions again (recording them where that episode is recorded).
+        False if an environment does not come back to the observations the checkpoint saw."""
+        todo = {i: int(seed) for i, seed in enumerate(saved["seed"])}
+        for i, (o, s, a) in envs.call("reset", todo).items():
+            obs[i], st[i], avail[i] = o, s, a
+            ep_ret[i] = 0.0
+            recording[i] = dict(obs=[o.copy()], state=[s.copy()], avail=[a.copy()], actions=[], reward=[]) \
+                if saved["recording"][i] else None
+            ep_seed[i], ep_actions[i] = todo[i], []
+        history = [a.numpy() for a in saved["actions"]]
+        for t in range(max(len(h) for h in history)):
+            for i, (o, s, a, r, term, trunc, _) in envs.call("step", {i: h[t] for i, h in enumerate(history)
+                                                                      if t < len(h)}).items():
+                if term or trunc:  # it ran on at the checkpoint
+                    return False
+                record_step(i, history[i][t], r, o, s, a, term, trunc)
+                obs[i], st[i], avail[i] = o, s, a
+                ep_ret[i] += r
+                ep_actions[i].append(history[i][t])
+        return bool(np.array_equal(obs, saved["obs"].numpy()))
 
     def act(o: np.ndarray, a: np.ndarray) -> tuple[torch.Tensor, Any]:
         o_t, a_t = torch.as_tensor(o, device=device), torch.as_tensor(a, device=device)
@@ -409,7 +445,18 @@ def _learn(cfg: LearnConfig, command: str | None):
     bar = tqdm(total=total, initial=min(state["step"], total), desc=f"learn {cfg.env}/{cfg.task}", unit="step",
                disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     try:
-        start(list(range(E)))
+        if saved is not None:
+            recent.extend(saved["recent"])
+            if not restore(saved["episodes"]):
+                print(f"warning: {cfg.env}/{cfg.task} did not replay to the checkpoint's observations (its "
+                      "environment is not fixed by the reset seed); the episodes that were running start over",
+                      file=sys.stderr)
+                state["owed"] += state.get("running", 0)
+                start(list(range(E)))
+        else:  # a fresh run, or a checkpoint without the running episodes: they start over
+            state["owed"] += state.get("running", 0)
+            start(list(range(E)))
+        state.pop("running", None)
         while state["step"] < total:
             # ------------------------------------------------------------ a rollout
             for t in range(T):
@@ -424,6 +471,7 @@ def _learn(cfg: LearnConfig, command: str | None):
                 for i, (o, s, a, r, term, trunc, _) in envs.call("step", {i: acts[i] for i in range(E)}).items():
                     record_step(i, acts[i], r, o, s, a, term, trunc)
                     obs[i], st[i], avail[i] = o, s, a
+                    ep_actions[i].append(acts[i])
                     reward[i] = r
                     ep_ret[i] += r
                     if term or trunc:
@@ -494,7 +542,7 @@ def _learn(cfg: LearnConfig, command: str | None):
     finally:
         bar.close()
         envs.close(keep_first=False)
-    save_checkpoint(0)
+    save_checkpoint(0, final=True)
     episodes = []
     for k in range(cfg.record):
         with np.load(run_dir / "episodes" / f"{k:06d}.npz", allow_pickle=False) as z:

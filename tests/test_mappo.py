@@ -3,6 +3,7 @@ computations, masked sampling, learning a small Level-Based Foraging task, resum
 the whole command on the StarCraft stand-in ending where the catalog looks."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,29 +89,70 @@ def test_learns_a_small_foraging_task(tmp_path):
     assert tuple(out.shape) == (3, 2)
 
 
-def test_resumes_after_an_interruption(tmp_path, monkeypatch):
-    pytest.importorskip("lbforaging")
-    cfg = lbf_config(tmp_path, task="5x5-2p-1f", total_steps=2048, record=6, rollout=16, checkpoint_every=0.0)
+def interrupt_in_update(monkeypatch, update: int) -> None:
+    """Make the learning run stop (KeyboardInterrupt) inside its ``update``-th update."""
     calls = {"n": 0}
     real = mappo.ppo_losses
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4 * 4 * 6 + 1:  # in the 7th update (4 epochs x 4 minibatches each)
+        if calls["n"] == 4 * 4 * (update - 1) + 1:  # 4 epochs x 4 minibatches an update
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mappo, "ppo_losses", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        mappo.learn(cfg)
+
+
+def run_arrays(ds, run: Path) -> tuple[dict, dict]:
+    weights = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    return {k: np.asarray(v) for k, v in ds.arrays.items()}, weights
+
+
+def test_resumes_after_an_interruption_as_if_it_had_not_stopped(tmp_path, monkeypatch):
+    """Stopped in its 7th update and run again, a learning run ends with the data and weights of
+    the same run left alone, to the bit: the checkpoint's running episodes are replayed (before
+    2026-12-07 they started over, and the resumed run recorded other episodes)."""
+    pytest.importorskip("lbforaging")
+    kw = dict(task="5x5-2p-1f", total_steps=2048, record=6, rollout=16, checkpoint_every=0.0)
+    whole, whole_weights = run_arrays(mappo.learn(lbf_config(tmp_path / "whole", **kw)), tmp_path / "whole" / "run")
+    cfg = lbf_config(tmp_path, **kw)
+    with monkeypatch.context() as m:
+        interrupt_in_update(m, 7)
+        with pytest.raises(KeyboardInterrupt):
+            mappo.learn(cfg)
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["state"]["updates"] == 6 and ck["state"]["step"] == 6 * 16 * 8
+    assert any(len(a) > 0 for a in ck["episodes"]["actions"])  # episodes were running: there is something to replay
     ds = mappo.learn(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [128 * k for k in range(1, 17)]  # 6 before, 10 after: none twice
+    whole_log = [json.loads(line) for line in (tmp_path / "whole" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["return_mean_100"] for x in log] == [x["return_mean_100"] for x in whole_log]
     assert ds.n_episodes == 6 and len(list((tmp_path / "run" / "episodes").glob("*.npz"))) == 6
+    arrays, weights = run_arrays(ds, tmp_path / "run")
+    assert arrays.keys() == whole.keys() and all(np.array_equal(arrays[k], whole[k]) for k in whole)
+    assert weights.keys() == whole_weights.keys() and all(torch.equal(weights[k], whole_weights[k]) for k in weights)
     with pytest.raises(Exception, match="different learning run"):
         mappo.learn(lbf_config(tmp_path, task="5x5-2p-1f", total_steps=9999, record=6))
+
+
+def test_an_environment_that_does_not_replay_starts_its_episodes_over(tmp_path, monkeypatch, capsys):
+    """Where the replay does not come back to the checkpoint's observations (here the saved
+    observations are altered, as an environment that draws unseeded random numbers would do),
+    the run says so, starts the running episodes over and still records every episode."""
+    pytest.importorskip("lbforaging")
+    cfg = lbf_config(tmp_path, task="5x5-2p-1f", total_steps=2048, record=6, rollout=16, checkpoint_every=0.0)
+    with monkeypatch.context() as m:
+        interrupt_in_update(m, 7)
+        with pytest.raises(KeyboardInterrupt):
+            mappo.learn(cfg)
+    path = tmp_path / "run" / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["episodes"]["obs"] += 1.0
+    torch.save(ck, path)
+    ds = mappo.learn(cfg)
+    assert "did not replay" in capsys.readouterr().err
+    assert ds.n_episodes == 6 and len(list((tmp_path / "run" / "episodes").glob("*.npz"))) == 6
 
 
 def test_a_learning_run_does_not_depend_on_the_callers_thread_count(tmp_path):
