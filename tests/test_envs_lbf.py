@@ -9,6 +9,7 @@ import pytest
 gymnasium = pytest.importorskip("gymnasium")
 pytest.importorskip("lbforaging")
 
+from common import OfflineMarlError  # noqa: E402
 from common.envs import EnvError, make_env  # noqa: E402
 from common.scripted import LBFExpert  # noqa: E402
 from _env_checks import assert_reset_depends_on_seed_only  # noqa: E402
@@ -129,6 +130,19 @@ def test_state_is_the_full_sight_view_in_agent_order():
             if t1 or u1:
                 break
     assert differs  # sight 2 hides something
+
+
+def test_an_unknown_task_is_reported_once_without_the_evaluation_hint(tmp_path):
+    """An algorithm file given a task that does not exist says so once, and does not suggest
+    training without the environment (there is no data to train on either)."""
+    from _baselines_common import load_script
+
+    bc = load_script("bc")
+    with pytest.raises(OfflineMarlError) as info:
+        bc.main(bc.Args(env="lbf", task="9x9", quality="expert", total_steps=1, device="cpu",
+                        run_dir=str(tmp_path / "run")))
+    msg = str(info.value)
+    assert msg.count("unknown lbf task '9x9'") == 1 and "only needed for evaluation" not in msg
 
 
 def test_task_names():
