@@ -101,6 +101,59 @@ def test_collecting_everything_terminates_with_return_one():
             env.step(np.zeros(2, dtype=np.int64))
 
 
+def test_load_is_available_exactly_next_to_food():
+    """The documented rule, read off the grid itself: agent i may load iff a food lies in one of
+    the four cells next to it (a mask with load always on, or always off, fails)."""
+    env = make_env("lbf", "8x8-2p-2f-coop")
+    expert = LBFExpert()
+    seen = {True: 0, False: 0}
+    for seed in range(4):
+        obs, state, avail = env.reset(seed=seed)
+        rng = np.random.default_rng(seed)
+        expert.reset(env, rng)
+        while True:
+            field = env.game.field
+            for i, p in enumerate(env.game.players):
+                y, x = p.position
+                near = any(0 <= y + dy < field.shape[0] and 0 <= x + dx < field.shape[1] and field[y + dy, x + dx] > 0
+                           for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+                assert avail[i, 5] == near
+                seen[near] += 1
+            a = expert(env, obs, state, avail) if rng.random() < 0.8 else rng.integers(0, 6, size=2)
+            obs, state, avail, r, term, trunc, _ = env.step(a)
+            if term or trunc:
+                break
+    assert seen[True] > 10 and seen[False] > 10
+
+
+def test_the_last_food_on_the_last_allowed_step_terminates():
+    """An episode that ends with all food collected exactly at ``episode_limit`` is terminated,
+    not truncated (the package reports one flag for both), and cannot be stepped further."""
+    env = make_env("lbf", "8x8-2p-2f-coop")
+    expert = LBFExpert()
+    obs, state, avail = env.reset(seed=1)
+    expert.reset(env, np.random.default_rng(1))
+    actions = []
+    while True:
+        actions.append(expert(env, obs, state, avail))
+        obs, state, avail, r, term, trunc, _ = env.step(actions[-1])
+        if term or trunc:
+            break
+    assert term and len(actions) > 2
+    tight = make_env("lbf", "8x8-2p-2f-coop", episode_limit=len(actions))
+    tight.reset(seed=1)
+    for t, a in enumerate(actions):
+        *_, r, term, trunc, _ = tight.step(a)
+        last = t == len(actions) - 1
+        assert (term, trunc) == (last, False)
+    with pytest.raises(RuntimeError, match="reset"):
+        tight.step(actions[-1])
+    short = make_env("lbf", "8x8-2p-2f-coop", episode_limit=len(actions) - 1)  # one step less: cut with food left
+    short.reset(seed=1)
+    flags = [short.step(a)[4:6] for a in actions[:-1]]
+    assert flags[-1] == (False, True)
+
+
 def test_time_limit_is_truncation():
     for limit in (50, 7):
         env = make_env("lbf", "8x8-2p-2f-coop", **({} if limit == 50 else {"episode_limit": limit}))

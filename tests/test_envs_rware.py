@@ -74,19 +74,27 @@ def test_alberdice_reward_shaping():
 
 
 def test_alberdice_reward_is_agent_0s_shaped_reward():
+    """Played by the scripted expert (which delivers), step by step against the package: the
+    reward is agent 0's shaped reward, which tells it from the team's or agent 1's when only
+    agent 1 delivers."""
+    from common.scripted import RwareExpert
+
     env = make_env("rware", "tiny-2ag-easy", reward="alberdice")
     ref = gymnasium.make("rware-tiny-2ag-easy-v2", disable_env_checker=True)
-    env.reset(seed=2)
+    obs, state, avail = env.reset(seed=2)
     ref.reset(seed=2)
-    rng = np.random.default_rng(2)
-    shaped = 0
-    for _ in range(200):
-        a = rng.integers(0, 5, size=2)
-        obs, _, _, r, *_ = env.step(a)
+    expert = RwareExpert()
+    expert.reset(env, np.random.default_rng(2))
+    shaped = only_1 = only_0 = 0
+    for _ in range(300):
+        a = np.asarray(expert(env, obs, state, avail))
+        obs, state, avail, r, *_ = env.step(a)
         _, ref_r, _, _, _ = ref.step(a.tolist())
         assert r == alberdice_warehouse_reward(ref_r[0], obs[0])
         shaped += r != ref_r[0]
-    assert shaped > 0  # the shaping was exercised
+        only_1 += ref_r[1] > 0 and ref_r[0] == 0
+        only_0 += ref_r[0] > 0 and ref_r[1] == 0
+    assert shaped > 0 and only_1 > 0 and only_0 > 0  # the shaping, and a delivery by each agent alone
 
 
 def test_time_limit_is_truncation():

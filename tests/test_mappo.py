@@ -85,8 +85,49 @@ def test_learns_a_small_foraging_task(tmp_path):
     assert a["avail"][rows][np.arange(rows.sum())[:, None], np.arange(2)[None], a["actions"][rows]].all()
     # the checkpoint is a policy for common.collect policy
     act = collect.load_act_fn(tmp_path / "run" / "checkpoint.pt")
-    out = act(a["obs"][:3], a["state"][:3], a["avail"][:3])
-    assert tuple(out.shape) == (3, 2)
+    out = np.asarray(act(a["obs"][:3], a["state"][:3], a["avail"][:3]))
+    assert out.shape == (3, 2) and a["avail"][:3][np.arange(3)[:, None], np.arange(2)[None], out].all()
+
+
+def test_only_a_time_limit_cut_bootstraps(tmp_path, monkeypatch):
+    """What the learning run hands to GAE, checked against what the environments returned: at
+    a true end (all food loaded) the reward alone, at a time-limit cut the reward plus a nonzero
+    gamma V(cut state), elsewhere the reward alone; ``done`` at both kinds of end."""
+    pytest.importorskip("lbforaging")
+    E, T = 8, 16
+    steps: list[dict[int, tuple[float, bool, bool]]] = []
+    seen = {"term": 0, "trunc": 0, "running": 0}
+
+    class Recording(mappo._Envs):
+        def call(self, cmd, args):
+            out = super().call(cmd, args)
+            if cmd == "step":
+                steps.append({i: (float(o[3]), bool(o[4]), bool(o[5])) for i, o in out.items()})
+            return out
+
+    real_gae = mappo.gae
+
+    def checking_gae(reward, value, done, next_value, gamma, lam):
+        assert len(steps) >= T
+        for t, row in enumerate(steps[-T:]):
+            assert sorted(row) == list(range(E))
+            for i, (r, term, trunc) in row.items():
+                boot = reward[t, i] - torch.tensor(r, dtype=reward.dtype)  # [N]
+                assert done[t, i] == float(term or trunc)
+                if trunc:
+                    assert (boot != 0).all()
+                    seen["trunc"] += 1
+                else:
+                    assert (boot == 0).all()
+                    seen["term" if term else "running"] += 1
+        return real_gae(reward, value, done, next_value, gamma, lam)
+
+    monkeypatch.setattr(mappo, "_Envs", Recording)
+    monkeypatch.setattr(mappo, "gae", checking_gae)
+    # a 12-step limit on 5x5-2p-1f: some episodes load the food in time, some are cut
+    mappo.learn(lbf_config(tmp_path, task="5x5-2p-1f", total_steps=4096, record=4, rollout=T, n_envs=E,
+                           env_options=("episode_limit=12",)))
+    assert seen["term"] > 0 and seen["trunc"] > 0 and seen["running"] > 0
 
 
 def interrupt_in_update(monkeypatch, update: int) -> None:
