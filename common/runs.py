@@ -427,12 +427,10 @@ class Run:
                 env = (eval_env_for(dataset.meta, a.eval_episode_limit) if dataset is not None
                        else make_env(name["env"], name["task"]))
             except OfflineMarlError as e:
-                if dataset is not None:  # the data is there: training can go on without the environment
+                if not any(str(e) in p for p in problems):  # an unknown task: the data's error said it
                     problems.append(f"{e} -- the environment is only needed for evaluation: train without it "
                                     "with --eval-episodes 0, then evaluate the saved checkpoint where the "
                                     "environment is installed with --eval-only --checkpoint PATH")
-                elif not any(str(e) in p for p in problems):  # an unknown task is reported once
-                    problems.append(str(e))
         if problems:
             raise OfflineMarlError("; ".join(problems))
         if env is not None:

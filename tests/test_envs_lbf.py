@@ -187,7 +187,7 @@ def test_state_is_the_full_sight_view_in_agent_order():
 
 def test_an_unknown_task_is_reported_once_without_the_evaluation_hint(tmp_path):
     """An algorithm file given a task that does not exist says so once, and does not suggest
-    training without the environment (there is no data to train on either)."""
+    training without the environment (no environment can be installed for it)."""
     from _baselines_common import load_script
 
     bc = load_script("bc")
