@@ -391,7 +391,7 @@ def _learn(cfg: LearnConfig, command: str | None):
             recording[i] = dict(obs=[o.copy()], state=[s.copy()], avail=[a.copy()], actions=[], reward=[]) \
                 if saved["recording"][i] else None
             ep_seed[i], ep_actions[i] = todo[i], []
-        history = [a.numpy() for a in saved["actions"]]
+        history = [a.cpu().numpy() for a in saved["actions"]]
         for t in range(max(len(h) for h in history)):
             for i, (o, s, a, r, term, trunc, _) in envs.call("step", {i: h[t] for i, h in enumerate(history)
                                                                       if t < len(h)}).items():
@@ -401,7 +401,7 @@ def _learn(cfg: LearnConfig, command: str | None):
                 obs[i], st[i], avail[i] = o, s, a
                 ep_ret[i] += r
                 ep_actions[i].append(history[i][t])
-        return bool(np.array_equal(obs, saved["obs"].numpy()))
+        return bool(np.array_equal(obs, saved["obs"].cpu().numpy()))
 
     def act(o: np.ndarray, a: np.ndarray) -> tuple[torch.Tensor, Any]:
         o_t, a_t = torch.as_tensor(o, device=device), torch.as_tensor(a, device=device)
